@@ -1,0 +1,88 @@
+"""Scaled dot-product attention: the one swappable function every SAM 2 attention goes through.
+
+Layout is (batch, tokens, heads, head_dim) like `jax.nn.dot_product_attention`. Implementations:
+  "xla"      plain softmax(q k^T / sqrt(d)) v; materialises the score matrix.
+  "chunked"  online softmax over key chunks (flash-attention recurrence in plain JAX). On CPU the
+             score matrix of memory attention (4096 x ~29k at 1024 px) is what makes "xla" slow;
+             chunking keeps it in cache.
+  "fused"    jax.nn.dot_product_attention (cuDNN / TPU kernels where available).
+  "auto"     "chunked" on CPU, "fused" on GPU/TPU.
+`key_mask` (batch, keys) marks valid keys; masked keys contribute exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "fused")
+KEY_CHUNK = 4096
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "auto":
+        return "chunked" if jax.default_backend() == "cpu" else "fused"
+    return impl
+
+
+def dot_product_attention(q, k, v, key_mask=None, impl: str = "auto"):
+    impl = resolve_impl(impl)
+    if impl == "fused":
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if impl == "chunked" and k.shape[1] > KEY_CHUNK:
+        return _chunked_attention(q, k, v, key_mask, KEY_CHUNK)
+    return _xla_attention(q, k, v, key_mask)
+
+
+def _xla_attention(q, k, v, key_mask):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    if key_mask is not None:
+        s = jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _chunked_attention(q, k, v, key_mask, chunk: int):
+    b, nk, h, d = k.shape
+    n_chunks = -(-nk // chunk)
+    pad = n_chunks * chunk - nk
+    valid = jnp.ones((b, nk), bool) if key_mask is None else key_mask
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    kc = k.reshape(b, n_chunks, chunk, h, d).swapaxes(0, 1)
+    vc = v.reshape(b, n_chunks, chunk, h, v.shape[-1]).swapaxes(0, 1)
+    mc = valid.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+    qs = q * (1.0 / math.sqrt(d))
+    nq = q.shape[1]
+
+    def body(carry, xs):
+        m_prev, l_prev, acc = carry
+        kb, vb, mb = xs
+        s = jnp.einsum("bqhd,bkhd->bhqk", qs, kb).astype(jnp.float32)
+        s = jnp.where(mb[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m_prev, s.max(-1))
+        # A chunk with no valid key leaves m at -inf; keep the arithmetic finite.
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev, 0.0) - m_safe)
+        corr = jnp.where(jnp.isfinite(m_prev), corr, 0.0)
+        l_new = l_prev * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb)
+        return (m_new, l_new, acc), None
+
+    init = (
+        jnp.full((b, h, nq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, h, nq), jnp.float32),
+        jnp.zeros((b, h, nq, v.shape[-1]), jnp.float32),
+    )
+    (_, l, acc), _ = jax.lax.scan(body, init, (kc, vc, mc))
+    out = acc / l[..., None]
+    return out.swapaxes(1, 2).astype(q.dtype)

@@ -1,0 +1,182 @@
+"""Small pure building blocks over parameter dicts (NHWC layout, Flax naming: kernel/bias/scale).
+
+Each `init_*` returns the parameter dict a module needs; each apply function takes that dict.
+Initialisers follow PyTorch's defaults (uniform +-1/sqrt(fan_in)) so a model trained from scratch
+starts like the official one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def gelu(x):
+    # SAM 2 uses nn.GELU() (exact erf form) everywhere; jax.nn.gelu defaults to the tanh form.
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear
+
+
+def init_linear(key, in_dim: int, out_dim: int, bias: bool = True) -> dict:
+    k1, k2 = jax.random.split(key)
+    bound = 1.0 / math.sqrt(in_dim)
+    p = {"kernel": _uniform(k1, (in_dim, out_dim), bound)}
+    if bias:
+        p["bias"] = _uniform(k2, (out_dim,), bound)
+    return p
+
+
+def linear(p: dict, x):
+    y = x @ p["kernel"].astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def init_mlp(key, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> dict:
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    keys = jax.random.split(key, num_layers)
+    return {"layers": [init_linear(k, a, b) for k, a, b in zip(keys, dims[:-1], dims[1:])]}
+
+
+def mlp(p: dict, x, activation=jax.nn.relu, sigmoid_output: bool = False):
+    """SAM 2's `MLP`: Linear layers with an activation between them (ReLU by default)."""
+    n = len(p["layers"])
+    for i, layer in enumerate(p["layers"]):
+        x = linear(layer, x)
+        if i < n - 1:
+            x = activation(x)
+    if sigmoid_output:
+        x = jax.nn.sigmoid(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def init_layer_norm(dim: int) -> dict:
+    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def layer_norm(p: dict, x, eps: float):
+    """LayerNorm over the last axis with a two-pass biased variance, as PyTorch computes it.
+
+    eps differs across SAM 2: 1e-6 in Hiera and LayerNorm2d, 1e-5 in the two transformers.
+    """
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    y = xc * lax.rsqrt(var + eps)
+    return y * p["scale"].astype(x.dtype) + p["bias"].astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions (NHWC, kernels HWIO)
+
+
+def init_conv(key, in_ch: int, out_ch: int, kernel: int, groups: int = 1, bias: bool = True) -> dict:
+    k1, k2 = jax.random.split(key)
+    fan_in = in_ch // groups * kernel * kernel
+    bound = 1.0 / math.sqrt(fan_in)
+    p = {"kernel": _uniform(k1, (kernel, kernel, in_ch // groups, out_ch), bound)}
+    if bias:
+        p["bias"] = _uniform(k2, (out_ch,), bound)
+    return p
+
+
+def conv(p: dict, x, stride: int = 1, padding: int = 0, groups: int = 1):
+    """Conv2d with PyTorch's explicit symmetric padding (never 'SAME', which pads asymmetrically)."""
+    y = lax.conv_general_dilated(
+        x,
+        p["kernel"].astype(x.dtype),
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def init_conv_transpose(key, in_ch: int, out_ch: int, kernel: int) -> dict:
+    k1, k2 = jax.random.split(key)
+    # PyTorch computes the ConvTranspose2d fan-in from weight dim 1 (out_ch) * k * k.
+    bound = 1.0 / math.sqrt(out_ch * kernel * kernel)
+    return {
+        "kernel": _uniform(k1, (kernel, kernel, in_ch, out_ch), bound),
+        "bias": _uniform(k2, (out_ch,), bound),
+    }
+
+
+def conv_transpose_2x2(p: dict, x):
+    """ConvTranspose2d(kernel 2, stride 2): each input pixel writes its own 2x2 output block.
+
+    With stride == kernel there is no overlap, so it is one matmul and a pixel shuffle; the
+    kernel is stored unflipped in (kh, kw, in, out) order (PyTorch's (in, out, kh, kw) permuted).
+    """
+    b, h, w, _ = x.shape
+    k = p["kernel"].astype(x.dtype)
+    kh, kw, _, out_ch = k.shape
+    y = jnp.einsum("bhwi,yxio->bhywxo", x, k)
+    y = y.reshape(b, h * kh, w * kw, out_ch)
+    return y + p["bias"].astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling matching PyTorch's F.interpolate
+
+
+def _cubic_weights(t, a: float = -0.75):
+    # Keys cubic convolution with PyTorch's A = -0.75 (jax.image uses -0.5).
+    def near(d):
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(in_size: int, out_size: int):
+    """(out, in) matrix of F.interpolate(mode='bicubic', align_corners=False) along one axis."""
+    scale = in_size / out_size
+    src = (np.arange(out_size) + 0.5) * scale - 0.5
+    i0 = np.floor(src)
+    t = src - i0
+    w = _cubic_weights(t)
+    m = np.zeros((out_size, in_size), np.float64)
+    for tap in range(4):
+        idx = np.clip(i0 - 1 + tap, 0, in_size - 1).astype(int)
+        np.add.at(m, (np.arange(out_size), idx), w[:, tap])
+    return jnp.asarray(m, jnp.float32)
+
+
+def resize_bicubic_torch(x, out_hw: tuple[int, int]):
+    """NHWC bicubic resize equal to PyTorch's (A=-0.75, half-pixel, clamped taps, no antialias)."""
+    my = bicubic_matrix(x.shape[1], out_hw[0])
+    mx = bicubic_matrix(x.shape[2], out_hw[1])
+    hp = lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bhwc->bowc", my, x, precision=hp)
+    return jnp.einsum("pw,bowc->bopc", mx, x, precision=hp)
+
+
+def resize_bilinear(x, out_hw: tuple[int, int], antialias: bool):
+    """NHWC bilinear resize, align_corners=False; antialias only matters when downsampling.
+
+    Matches F.interpolate(mode='bilinear', align_corners=False, antialias=...) (spec section 4).
+    """
+    b, _, _, c = x.shape
+    return jax.image.resize(x, (b, out_hw[0], out_hw[1], c), "bilinear", antialias=antialias)
