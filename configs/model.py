@@ -181,35 +181,3 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     if version not in ("sam2", "sam2.1") or size not in SIZES:
         raise ValueError(f"unknown model variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
     return _base(version, size, 1024)
-
-
-def hydra_overrides(config: ml_collections.ConfigDict) -> tuple[str, list[str]]:
-    """The official (yaml name, hydra overrides) that build the same model as `config` (for tests)."""
-    size_letter = {96: "t", 112: "b+", 144: "l"}
-    t = config.trunk
-    if config.name.startswith("test"):
-        letter = "t"
-    elif t.embed_dim == 96:
-        letter = "s" if len(t.global_att_blocks) and t.global_att_blocks[0] == 7 else "t"
-    else:
-        letter = size_letter[t.embed_dim]
-    if config.version == "sam2.1":
-        yaml = f"configs/sam2.1/sam2.1_hiera_{letter}.yaml"
-    else:
-        yaml = f"configs/sam2/sam2_hiera_{letter}.yaml"
-    overrides = []
-    if config.image_size != 1024:
-        overrides.append(f"++model.image_size={config.image_size}")
-    if config.name.startswith("test"):
-        overrides += [
-            f"++model.image_encoder.trunk.embed_dim={t.embed_dim}",
-            f"++model.image_encoder.trunk.num_heads={t.num_heads}",
-            f"++model.image_encoder.trunk.stages=[{','.join(map(str, t.stages))}]",
-            f"++model.image_encoder.trunk.global_att_blocks=[{','.join(map(str, t.global_att_blocks))}]",
-            "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size="
-            f"[{','.join(map(str, t.window_pos_embed_bkg_spatial_size))}]",
-            "++model.image_encoder.neck.backbone_channel_list="
-            f"[{','.join(map(str, config.neck.backbone_channel_list))}]",
-            f"++model.memory_attention.num_layers={config.memory_attention.num_layers}",
-        ]
-    return yaml, overrides
