@@ -1,0 +1,293 @@
+"""Reading medical volumes and 2D images into one canonical form.
+
+Every 3D input becomes a `Volume` whose array is in RAS+ voxel order (the closest canonical
+orientation nibabel knows: axis 0 runs towards the patient's Right, 1 Anterior, 2 Superior), so
+"axial slice k" means the same thing for every file. The `Volume` keeps what is needed to put a
+result back on the input's own voxel grid: the orientation transform, the original shape,
+affine and header (see `Volume.to_original` and `output.py`).
+
+Every failure on the way in is a `VolumeError` whose one-line message names the file, the
+problem and what to do about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+CANONICAL_AXCODES = ("R", "A", "S")
+
+# DICOM patient coordinates are LPS+, NIfTI world coordinates RAS+: flip x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class VolumeError(ValueError):
+    """An input that cannot be read as the image the caller needs."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D image in canonical (RAS+) voxel order plus what is needed to write results back.
+
+    array: float32 (X, Y, Z) in RAS+ order, intensities after any rescale slope/intercept
+        (Hounsfield units for CT).
+    affine: canonical voxel index -> world RAS+ mm.
+    spacing: voxel size in mm along the canonical axes.
+    original_affine, original_shape, original_header: as stored in the input file (the
+        header is a NIfTI header; a DICOM input gets one built from its geometry).
+    to_canonical: nibabel orientation transform from the input's voxel axes to RAS+.
+    modality: "CT", "MR", ... from DICOM; None for NIfTI (NIfTI does not record it).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    source_path: Path
+    source_format: str
+    original_affine: np.ndarray
+    original_shape: tuple[int, ...]
+    original_header: nib.Nifti1Header
+    to_canonical: np.ndarray
+    modality: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.array.shape
+
+    @property
+    def original_axcodes(self) -> tuple[str, ...]:
+        return tuple(nib.aff2axcodes(self.original_affine))
+
+    def to_original(self, canonical: np.ndarray) -> np.ndarray:
+        """An array on the canonical grid (extra trailing axes allowed) -> the input's voxel order
+        and shape (a 4D input with one volume gets its trailing axis of length 1 back)."""
+        from_canonical = orientations.ornt_transform(_canonical_ornt(), _ornt_of(self.original_affine))
+        original = orientations.apply_orientation(np.asarray(canonical), from_canonical)
+        extra_axes = original.shape[3:] or self.original_shape[3:]
+        return original.reshape(self.original_shape[:3] + extra_axes)
+
+    def original_to_canonical_index(self, index_xyz: np.ndarray) -> np.ndarray:
+        """Voxel coordinates of the input file (N, 3) -> canonical voxel coordinates (N, 3)."""
+        canonical_to_original = orientations.inv_ornt_aff(self.to_canonical, self.original_shape[:3])
+        index_xyz = np.atleast_2d(np.asarray(index_xyz, dtype=np.float64))
+        homogeneous = np.c_[index_xyz, np.ones(len(index_xyz))]
+        return (homogeneous @ np.linalg.inv(canonical_to_original).T)[:, :3]
+
+
+def load_volume(path: str | Path) -> Volume:
+    """Reads a 3D NIfTI file, a DICOM series folder or a multi-frame DICOM file."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        from medsam2_jax.volumes import dicom
+
+        return dicom.load_dicom_series(path)
+    if _has_suffix(path, NIFTI_SUFFIXES):
+        return load_nifti(path)
+    if _has_suffix(path, DICOM_SUFFIXES) or _looks_like_dicom(path):
+        from medsam2_jax.volumes import dicom
+
+        return dicom.load_dicom_file(path)
+    if _has_suffix(path, IMAGE_2D_SUFFIXES):
+        raise VolumeError(f"{path}: a 2D image where a 3D volume is needed; give a NIfTI file or a DICOM series folder")
+    raise VolumeError(f"{path}: not a medical image this tool reads; give a .nii/.nii.gz file or a DICOM series folder")
+
+
+def load_nifti(path: str | Path) -> Volume:
+    """Reads a NIfTI volume in any orientation; a 4D file holding one volume is accepted."""
+    path = Path(path)
+    image = _open_nifti(path)
+    data = _read_nifti_data(image, path)
+    data = _squeeze_to_3d(data, path)
+    return make_volume(
+        data,
+        np.asarray(image.affine, dtype=np.float64),
+        source_path=path,
+        source_format="nifti",
+        original_header=image.header,
+        original_shape=tuple(image.shape),
+    )
+
+
+def make_volume(
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    source_path: Path,
+    source_format: str,
+    original_header: nib.Nifti1Header | None = None,
+    original_shape: tuple[int, ...] | None = None,
+    modality: str | None = None,
+) -> Volume:
+    """Validates a 3D array on the grid of `affine` and reorients it to RAS+."""
+    check_voxels(data, source_path)
+    to_canonical = orientations.ornt_transform(_ornt_of(affine), _canonical_ornt())
+    canonical = orientations.apply_orientation(data, to_canonical).astype(np.float32)
+    canonical_affine = affine @ orientations.inv_ornt_aff(to_canonical, data.shape)
+    if original_header is None:
+        original_header = _header_for(data, affine)
+    return Volume(
+        array=np.ascontiguousarray(canonical),
+        affine=canonical_affine,
+        spacing=tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0)),
+        source_path=source_path,
+        source_format=source_format,
+        original_affine=affine,
+        original_shape=original_shape or tuple(data.shape),
+        original_header=original_header,
+        to_canonical=to_canonical,
+        modality=modality,
+    )
+
+
+def check_voxels(data: np.ndarray, path: Path) -> None:
+    """Rejects what no model input can come from: NaN/Inf voxels and constant volumes."""
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - np.count_nonzero(finite))
+        raise VolumeError(f"{path}: {bad} voxels are NaN or Inf; fix or mask them before segmenting")
+    if data.size == 0 or data.min() == data.max():
+        value = data.flat[0] if data.size else "nothing"
+        raise VolumeError(f"{path}: every voxel has the same value ({value}); the image is empty, check the file")
+
+
+def load_label_volume(path: str | Path, reference: Volume) -> np.ndarray:
+    """Reads an integer label NIfTI on the grid of `reference` and returns it in canonical order.
+
+    An all-zero label volume is allowed here (the caller decides whether that is an error).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file; check the path of the label volume")
+    image = _open_nifti(path)
+    data = _squeeze_to_3d(_read_nifti_data(image, path), path)
+    if data.shape != reference.original_shape[:3] or not np.allclose(image.affine, reference.original_affine, atol=1e-3):
+        raise VolumeError(
+            f"{path}: label grid {data.shape} does not match the image {reference.source_path} "
+            f"{reference.original_shape[:3]}; the labels must be drawn on the image's own grid"
+        )
+    if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+        raise VolumeError(f"{path}: label values must be whole numbers; give an integer label volume")
+    return orientations.apply_orientation(np.round(data).astype(np.int32), reference.to_canonical)
+
+
+def load_image_2d(path: str | Path) -> np.ndarray:
+    """Reads a PNG, TIFF or JPEG image as float32 (H, W) grey or (H, W, 3) colour."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file; check the path")
+    if not _has_suffix(path, IMAGE_2D_SUFFIXES):
+        raise VolumeError(f"{path}: not a 2D image this tool reads; give a .png, .tif or .jpg file")
+    try:
+        image = _read_tiff(path) if _has_suffix(path, (".tif", ".tiff")) else _read_pil(path)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise VolumeError(f"{path}: cannot be read as an image ({_first_line(error)}); check the file") from error
+    return _as_2d_image(np.asarray(image), path)
+
+
+def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]  # alpha carries no anatomy
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] != 3:
+        raise VolumeError(f"{path}: a stack of {image.shape[0]} images where one 2D image is needed; split it into single images")
+    if image.ndim not in (2, 3):
+        raise VolumeError(f"{path}: has {image.ndim} dimensions where a 2D image is needed; give a single 2D image")
+    image = image.astype(np.float32)
+    check_voxels(image, path)
+    return image
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    return tifffile.imread(path)
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in ("P", "LA", "PA"):
+            image = image.convert("RGBA" if "A" in image.mode else "RGB")
+        return np.asarray(image)
+
+
+def _open_nifti(path: Path):
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for a file that is not NIfTI
+        raise VolumeError(f"{path}: not a readable NIfTI file ({_first_line(error)}); check the file") from error
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError(f"{path}: a {type(image).__name__}, not NIfTI; convert it to NIfTI")
+    return image
+
+
+def _read_nifti_data(image, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(image.dataobj)  # applies the header's scale slope and intercept
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as error:
+        raise VolumeError(
+            f"{path}: the file is truncated or corrupt ({_first_line(error)}); copy or export it again"
+        ) from error
+
+
+def _squeeze_to_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if data.ndim > 3:
+        raise VolumeError(
+            f"{path}: a {data.ndim}D image of shape {data.shape} where one 3D volume is needed; "
+            "extract a single volume first"
+        )
+    if data.ndim < 3 or min(data.shape) < 2:
+        raise VolumeError(
+            f"{path}: a 2D image of shape {data.shape} where a 3D volume is needed; use the 2D path or give a 3D volume"
+        )
+    return data
+
+
+def _header_for(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Header:
+    """A NIfTI header for an input that had none (DICOM): the geometry as scanner coordinates."""
+    image = nib.Nifti1Image(np.zeros(data.shape, np.int16), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image.header
+
+
+def _ornt_of(affine: np.ndarray) -> np.ndarray:
+    return orientations.io_orientation(affine)
+
+
+def _canonical_ornt() -> np.ndarray:
+    return orientations.axcodes2ornt(CANONICAL_AXCODES)
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    return path.name.lower().endswith(suffixes)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
