@@ -94,3 +94,19 @@ def mask_agreement(ours: np.ndarray, ref: np.ndarray, margin: float = 1e-2) -> f
     if not far.any():
         return 1.0
     return float(((ours > 0) == (ref > 0))[far].mean())
+
+
+def nhwc(t) -> np.ndarray:
+    """A (B, C, H, W) torch tensor as a (B, H, W, C) numpy array."""
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def nchw(a):
+    """A (B, H, W, C) array as a (B, C, H, W) torch tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

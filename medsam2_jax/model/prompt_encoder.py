@@ -77,6 +77,7 @@ def prompt_encoder(p, config, coords=None, labels=None, masks=None, batch: int |
         batch = coords.shape[0]
         sparse = embed_points(p, coords, labels, config, pad=True)
     else:
+        batch = masks.shape[0] if masks is not None else batch
         sparse = jnp.zeros((batch, 0, config.hidden_dim), jnp.float32)
     s = embedding_grid_size(config)
     if masks is not None:
