@@ -15,6 +15,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from medsam2_jax.model import layers
@@ -66,7 +67,8 @@ def _decode(params, config, image_embed, high_res, coords, labels, mask_input, m
 class SAM2ImagePredictor:
     def __init__(self, params, config, mask_threshold: float = 0.0):
         self.params = params
-        self.config = config
+        # Hashable, so it can be a static argument of the jitted encode/decode.
+        self.config = ml_collections.FrozenConfigDict(config)
         self.mask_threshold = mask_threshold
         self.reset_predictor()
 
