@@ -137,7 +137,7 @@ def dicom_files() -> dict[str, Path]:
 def invesalius_ct() -> Path:
     """The InVesalius head CT (HU, 0.957 x 0.957 x 1.5 mm) as a NIfTI in the cache folder."""
     source = _verified(INVESALIUS_EXAMPLES / "Cranium.inv3")
-    target = cache_dir() / "invesalius_cranium_ct_v1.nii.gz"
+    target = cache_dir() / "invesalius_cranium_ct_v2.nii.gz"
     if not target.exists():
         _convert_invesalius(source, target)
     return target
@@ -145,8 +145,9 @@ def invesalius_ct() -> Path:
 
 def _convert_invesalius(source: Path, target: Path) -> None:
     """Cranium.inv3 is a gzip'd tar: main.plist (shape, spacing) and matrix.dat, a raw int16
-    (z, y, x) array. Axes are taken as DICOM patient axes (x to the patient's left, y posterior,
-    as the scanner stored them), hence the LPS -> RAS sign flips in the affine."""
+    (z, y, x) array. InVesalius stores the DICOM rows flipped: row index grows towards anterior
+    (the face and the couch show it), slices grow superior. Columns are taken to grow towards
+    the patient's left as in DICOM; a symmetric head cannot confirm left from right."""
     import nibabel as nib
 
     with tarfile.open(source) as archive:
@@ -157,7 +158,7 @@ def _convert_invesalius(source: Path, target: Path) -> None:
     hounsfield = np.frombuffer(raw, dtype=np.dtype(main["matrix"]["dtype"]).newbyteorder("<")).reshape(shape)
     volume_xyz = np.ascontiguousarray(hounsfield.transpose(2, 1, 0)).astype(np.int16)
     spacing_xyz = [float(s) for s in main["spacing"]]
-    affine = np.diag([-spacing_xyz[0], -spacing_xyz[1], spacing_xyz[2], 1.0])
+    affine = np.diag([-spacing_xyz[0], spacing_xyz[1], spacing_xyz[2], 1.0])
     image = nib.Nifti1Image(volume_xyz, affine)
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm")
