@@ -51,3 +51,11 @@ def test_gelu_is_exact_and_layer_norm_eps():
     for eps in (1e-5, 1e-6):
         ref = F.layer_norm(torch.from_numpy(y), (16,), eps=eps).numpy()
         assert max_abs(layers.layer_norm(layers.init_layer_norm(16), jnp.asarray(y), eps), ref) < 1e-4
+
+
+def test_depthwise_conv_matches_torch():
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(16, 16, 7, 1, 3, groups=16)
+    x = np.random.default_rng(5).standard_normal((2, 12, 10, 16)).astype(np.float32)
+    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)), "bias": jnp.asarray(m.bias.detach().numpy())}
+    assert max_abs(layers.depthwise_conv(p, jnp.asarray(x), 3), nhwc(m(nchw(x)))) < 1e-5

@@ -111,6 +111,23 @@ def conv(p: dict, x, stride: int = 1, padding: int = 0, groups: int = 1):
     return y
 
 
+def depthwise_conv(p: dict, x, padding: int):
+    """Depthwise Conv2d (groups == channels, stride 1) as a sum of shifted, scaled copies.
+
+    XLA's CPU grouped convolution is ~10x slower than this fused elementwise form at the
+    memory encoder's 7x7 x 256-channel shape (measured: 18 ms vs 2 ms at 32x32).
+    """
+    k = p["kernel"].astype(x.dtype)  # (kh, kw, 1, C)
+    kh, kw = k.shape[:2]
+    h = x.shape[1] + 2 * padding - kh + 1
+    w = x.shape[2] + 2 * padding - kw + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out = sum(xp[:, i : i + h, j : j + w, :] * k[i, j, 0] for i in range(kh) for j in range(kw))
+    if "bias" in p:
+        out = out + p["bias"].astype(x.dtype)
+    return out
+
+
 def init_conv_transpose(key, in_ch: int, out_ch: int, kernel: int) -> dict:
     k1, k2 = jax.random.split(key)
     # PyTorch computes the ConvTranspose2d fan-in from weight dim 1 (out_ch) * k * k.

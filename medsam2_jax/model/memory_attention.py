@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from medsam2_jax.model import layers
 from medsam2_jax.model.attention import dot_product_attention
 from medsam2_jax.model.mask_decoder import init_attention
-from medsam2_jax.model.position_encoding import apply_rope, axial_rope_angles
+from medsam2_jax.model.position_encoding import apply_rope, axial_rope_tables
 
 LN_EPS = 1e-5
 
@@ -42,7 +42,7 @@ def init_memory_attention(key, config) -> dict:
     return {"layers": layer_params, "norm": layers.init_layer_norm(d)}
 
 
-def _rope_attention(p, q, k, v, num_heads, angles, num_k_rope: int, impl, key_mask=None):
+def _rope_attention(p, q, k, v, num_heads, rope, num_k_rope: int, impl, key_mask=None):
     """RoPEAttention: rotate q and the first `num_k_rope` keys (table tiled along the keys)."""
     q = layers.linear(p["q_proj"], q)
     k = layers.linear(p["k_proj"], k)
@@ -50,10 +50,9 @@ def _rope_attention(p, q, k, v, num_heads, angles, num_k_rope: int, impl, key_ma
     b, nq, _ = q.shape
     split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, -1).swapaxes(1, 2)  # B, H, N, D
     q, k, v = split(q), split(k), split(v)
-    q = apply_rope(q, angles)
+    q = apply_rope(q, *rope)
     if num_k_rope > 0:
-        reps = num_k_rope // angles.shape[0]
-        k_rot = apply_rope(k[:, :, :num_k_rope], jnp.tile(angles, (reps, 1)))
+        k_rot = apply_rope(k[:, :, :num_k_rope], *rope)
         k = jnp.concatenate([k_rot, k[:, :, num_k_rope:]], axis=2)
     out = dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), key_mask=key_mask, impl=impl)
     return layers.linear(p["out_proj"], out.reshape(b, nq, -1))
@@ -70,7 +69,7 @@ def memory_attention(p, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: 
     heads = ma.num_heads
     nq = curr.shape[1]
     side = int(math.isqrt(nq))  # RoPEAttention assumes a square grid
-    angles = jnp.asarray(axial_rope_angles(ma.d_model // heads, side, side, ma.rope_theta))
+    rope = axial_rope_tables(ma.d_model // heads, side, side, ma.rope_theta)
     num_k_rope = memory.shape[1] - num_obj_ptr_tokens
     x = curr
     if ma.pos_enc_at_input:
@@ -79,11 +78,11 @@ def memory_attention(p, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: 
     for lp in p["layers"]:
         t = ln(lp["norm1"], x)
         qk = t + curr_pos if ma.pos_enc_at_attn else t
-        x = x + _rope_attention(lp["self_attn"], qk, qk, t, heads, angles, nq, impl)
+        x = x + _rope_attention(lp["self_attn"], qk, qk, t, heads, rope, nq, impl)
         t = ln(lp["norm2"], x)
         q = t + curr_pos if ma.pos_enc_at_cross_attn_queries else t
         k = memory + memory_pos if ma.pos_enc_at_cross_attn_keys else memory
-        x = x + _rope_attention(lp["cross_attn_image"], q, k, memory, heads, angles, num_k_rope, impl, memory_mask)
+        x = x + _rope_attention(lp["cross_attn_image"], q, k, memory, heads, rope, num_k_rope, impl, memory_mask)
         t = ln(lp["norm3"], x)
         x = x + layers.linear(lp["linear2"], jax.nn.relu(layers.linear(lp["linear1"], t)))
     return ln(p["norm"], x)

@@ -70,9 +70,8 @@ def mask_downsampler(p, masks, config):
 
 
 def cx_block(p, x, config):
-    d = x.shape[-1]
     k = config.memory_encoder.fuser_kernel
-    y = layers.conv(p["dwconv"], x, padding=k // 2, groups=d)
+    y = layers.depthwise_conv(p["dwconv"], x, padding=k // 2)
     y = layers.layer_norm(p["norm"], y, LN2D_EPS)
     y = layers.linear(p["pwconv2"], layers.gelu(layers.linear(p["pwconv1"], y)))
     return x + p["gamma"].astype(y.dtype) * y

@@ -61,22 +61,29 @@ def random_fourier_grid(h: int, w: int, gaussian_matrix):
     return random_fourier(grid, gaussian_matrix)
 
 
-def axial_rope_angles(dim: int, end_x: int, end_y: int, theta: float = 10000.0):
-    """(end_x*end_y, dim//2) rotation angles of `compute_axial_cis` (x half, then y half)."""
+def axial_rope_tables(dim: int, end_x: int, end_y: int, theta: float = 10000.0):
+    """(cos, sin), each (end_x*end_y, dim//2), of `compute_axial_cis` (x half, then y half).
+
+    Constants of the grid: computed once in NumPy float32 (torch.polar works in float32).
+    """
     freqs = 1.0 / (theta ** (np.arange(0, dim, 4)[: dim // 4].astype(np.float32) / dim))
     t = np.arange(end_x * end_y, dtype=np.float32)
     t_x = t % end_x
     t_y = np.floor(t / end_x)
-    ang = np.concatenate([np.outer(t_x, freqs), np.outer(t_y, freqs)], axis=-1)
-    return ang.astype(np.float32)
+    ang = np.concatenate([np.outer(t_x, freqs), np.outer(t_y, freqs)], axis=-1).astype(np.float32)
+    return np.cos(ang), np.sin(ang)
 
 
-def apply_rope(x, angles):
-    """Rotate interleaved (re, im) pairs of x (..., N, D) by angles (N, D/2), in float32."""
+def apply_rope(x, cos, sin):
+    """Rotate interleaved (re, im) pairs of x (..., N, D) by the (N, D/2) tables, in float32.
+
+    x may hold several memory frames back to back (..., F*N, D): every frame gets the same
+    rotations (`rope_k_repeat`).
+    """
     dtype = x.dtype
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    cos = jnp.cos(angles)
-    sin = jnp.sin(angles)
+    n = cos.shape[0]
+    frames = x.shape[-2] // n
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-2], frames, n, -1, 2)
     re, im = xf[..., 0], xf[..., 1]
     out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
     return out.reshape(x.shape).astype(dtype)
