@@ -1,0 +1,324 @@
+"""A stateful predictor with the official `SAM2VideoPredictor` contract.
+
+    predictor = VideoPredictor(params, config)
+    state = predictor.init_state(frames)            # (T, H, W, 3) array, or a folder of JPEGs
+    predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=[[x, y]], labels=[1])
+    for frame_idx, obj_ids, mask_logits in predictor.propagate_in_video(state):
+        ...                                        # mask_logits (num_objs, 1, H, W), numpy
+
+The bookkeeping (per-object prompt and output dicts, temporary outputs of interactions,
+preflight, which frames are conditioning frames, tracking direction per frame) is the official
+one, line for line, so interactive refinement and forward-then-reverse runs behave the same.
+The computation is the functional tracker: a click or mask runs `step.prompt_frame`; a
+propagation builds each object's fixed-size `TrackerState` from the stored outputs around the
+start frame and runs the chunked, compiled `lax.scan` (`propagate.iter_propagate`) for all
+objects at once, streaming outputs back to the host store.
+
+Like the official predictor, the host store keeps every tracked frame's memory (bfloat16) so a
+later call can start anywhere; the device only ever holds one chunk and the fixed-size state.
+Hole filling is not applied (the official predictor skips it on CPU: it needs CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medsam2_jax.model import layers
+from medsam2_jax.model.sam2 import NO_OBJ_SCORE
+from medsam2_jax.tracker import config as tracker_config_lib
+from medsam2_jax.tracker.prompts import make_prompt
+from medsam2_jax.tracker.propagate import compiled, iter_propagate, processing_order
+from medsam2_jax.tracker.state import init_state as empty_bank
+from medsam2_jax.tracker.state import pointer_slots, recent_slots
+
+COND, NON_COND = "cond_frame_outputs", "non_cond_frame_outputs"
+
+
+def load_frames(path: str, image_size: int):
+    """A folder of `<index>.jpg` frames, read and resized as the official loader does (PIL)."""
+    from PIL import Image
+
+    names = [p for p in os.listdir(path) if os.path.splitext(p)[-1] in (".jpg", ".jpeg", ".JPG", ".JPEG")]
+    if not names:
+        raise RuntimeError(f"no images found in {path}")
+    names.sort(key=lambda p: int(os.path.splitext(p)[0]))
+    frames, hw = [], None
+    for name in names:
+        img = Image.open(os.path.join(path, name)).convert("RGB")
+        hw = (img.height, img.width)
+        frames.append(np.asarray(img.resize((image_size, image_size)), np.float32) / 255.0)
+    return np.stack(frames), hw
+
+
+class VideoPredictor:
+    def __init__(self, params, config, tracker_config=None):
+        self.params = params
+        self.config = config
+        self.tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
+        self.image_size = config.image_size
+        self.fns = compiled(config, self.tracker_config)
+        self._empty = jax.tree.map(np.asarray, empty_bank(config, self.tracker_config))
+
+    # ------------------------------------------------------------------------------------------
+    # Session state
+
+    def init_state(self, video, normalized: bool = False):
+        """`video`: a folder of JPEG frames, or an array (T, H, W, 3) in [0, 1] (uint8: [0, 255]).
+
+        Arrays not at the model resolution are resized with bilinear antialiasing (the official
+        JPEG loader uses PIL bicubic: pass a folder for bit-faithful inputs). `normalized=True`
+        takes (T, S, S, 3) frames already ImageNet-normalised at the model resolution.
+        """
+        s = self.image_size
+        if isinstance(video, (str, os.PathLike)):
+            frames, (h, w) = load_frames(os.fspath(video), s)
+        else:
+            frames = np.asarray(video)
+            h, w = frames.shape[1:3]
+            if not normalized:
+                frames = frames.astype(np.float32) / (255.0 if frames.dtype == np.uint8 else 1.0)
+                if (h, w) != (s, s):
+                    frames = np.asarray(layers.resize_bilinear(jnp.asarray(frames), (s, s), antialias=True))
+        if not normalized:
+            mean = np.asarray(self.config.pixel_mean, np.float32)
+            std = np.asarray(self.config.pixel_std, np.float32)
+            frames = (frames.astype(np.float32) - mean) / std
+        st = {
+            "images": np.ascontiguousarray(frames, np.float32),
+            "num_frames": len(frames),
+            "video_height": h,
+            "video_width": w,
+            "point_inputs_per_obj": {},
+            "mask_inputs_per_obj": {},
+            "cached_features": {},
+            "obj_id_to_idx": OrderedDict(),
+            "obj_idx_to_id": OrderedDict(),
+            "obj_ids": [],
+            "output_dict_per_obj": {},
+            "temp_output_dict_per_obj": {},
+            "frames_tracked_per_obj": {},
+        }
+        self._get_image_feature(st, 0)
+        return st
+
+    def reset_state(self, inference_state):
+        """Remove all objects, inputs and outputs."""
+        for key in ("obj_id_to_idx", "obj_idx_to_id", "obj_ids", "point_inputs_per_obj", "mask_inputs_per_obj",
+                    "output_dict_per_obj", "temp_output_dict_per_obj", "frames_tracked_per_obj"):
+            inference_state[key].clear()
+
+    def _obj_id_to_idx(self, st, obj_id):
+        obj_idx = st["obj_id_to_idx"].get(obj_id)
+        if obj_idx is not None:
+            return obj_idx
+        obj_idx = len(st["obj_id_to_idx"])
+        st["obj_id_to_idx"][obj_id] = obj_idx
+        st["obj_idx_to_id"][obj_idx] = obj_id
+        st["obj_ids"] = list(st["obj_id_to_idx"])
+        st["point_inputs_per_obj"][obj_idx] = {}
+        st["mask_inputs_per_obj"][obj_idx] = {}
+        st["output_dict_per_obj"][obj_idx] = {COND: {}, NON_COND: {}}
+        st["temp_output_dict_per_obj"][obj_idx] = {COND: {}, NON_COND: {}}
+        st["frames_tracked_per_obj"][obj_idx] = {}
+        return obj_idx
+
+    def _get_image_feature(self, st, frame_idx):
+        """Features of one frame; like the official one, only the latest frame is cached."""
+        cached = st["cached_features"].get(frame_idx)
+        if cached is None:
+            cached = self.fns.features(self.params, jnp.asarray(st["images"][frame_idx]))
+            st["cached_features"] = {frame_idx: cached}
+        return cached
+
+    # ------------------------------------------------------------------------------------------
+    # Fixed-size banks from the host store
+
+    def _bank(self, st, obj_idx, frame_idx, reverse):
+        """The `TrackerState` that tracking from `frame_idx` in this direction reads."""
+        out = st["output_dict_per_obj"][obj_idx]
+        cond, non_cond = out[COND], out[NON_COND]
+        kc = self.tracker_config.max_cond_frames
+        if len(cond) > kc:
+            raise ValueError(f"object {st['obj_idx_to_id'][obj_idx]} has {len(cond)} prompted frames; "
+                             f"the tracker pins at most max_cond_frames={kc}")
+        b = {f: np.array(getattr(self._empty, f)) for f in self._empty.__dataclass_fields__}
+        for i, (t, o) in enumerate(cond.items()):
+            b["cond_mem"][i] = o["maskmem_features"]
+            b["cond_ptr"][i], b["cond_mask"][i], b["cond_score"][i] = o["obj_ptr"], o["pred_masks"], o["object_score_logits"]
+            b["cond_frame"][i], b["cond_valid"][i] = t, True
+        sign = -1 if reverse else 1
+        k, p = recent_slots(self.config), pointer_slots(self.config)
+        for d in range(1, max(k, p) + 1):
+            t = frame_idx - sign * d
+            o = non_cond.get(t)
+            if o is None:
+                continue
+            if d <= k:
+                b["mem"][t % k], b["mem_frame"][t % k], b["mem_valid"][t % k] = o["maskmem_features"], t, True
+            if d <= p:
+                b["ptr"][t % p], b["ptr_frame"][t % p], b["ptr_valid"][t % p] = o["obj_ptr"], t, True
+        return type(self._empty)(**b)
+
+    # ------------------------------------------------------------------------------------------
+    # Interactions
+
+    def _video_res(self, st, low_res_masks):
+        """(O, 4s, 4s, 1) logits -> (O, 1, H, W) at the video resolution (bilinear, no antialias)."""
+        hw = (st["video_height"], st["video_width"])
+        x = low_res_masks if low_res_masks.shape[1:3] == hw else self.fns.resize(jnp.asarray(low_res_masks), hw)
+        return np.array(np.moveaxis(np.asarray(x), -1, 1))
+
+    def _consolidated(self, st, frame_idx, storage_key):
+        """Every object's mask on a frame at video resolution; objects without one: NO_OBJ_SCORE."""
+        s4 = self.image_size // 4
+        masks, missing = [], []
+        for obj_idx in range(len(st["obj_ids"])):
+            out = st["temp_output_dict_per_obj"][obj_idx][storage_key].get(frame_idx)
+            if out is None:
+                out = st["output_dict_per_obj"][obj_idx][COND].get(frame_idx)
+            if out is None:
+                out = st["output_dict_per_obj"][obj_idx][NON_COND].get(frame_idx)
+            if out is None:
+                missing.append(obj_idx)
+            masks.append(np.zeros((s4, s4, 1), np.float32) if out is None else out["pred_masks"])
+        video = self._video_res(st, np.stack(masks))
+        video[missing] = NO_OBJ_SCORE
+        return video
+
+    def _interact(self, st, obj_idx, frame_idx, prompt, has_mask, prev=None):
+        tracked = st["frames_tracked_per_obj"][obj_idx]
+        init_cond = frame_idx not in tracked
+        reverse = False if init_cond else tracked[frame_idx]["reverse"]
+        is_cond = init_cond  # add_all_frames_to_correct_as_cond is False
+        storage_key = COND if is_cond else NON_COND
+        if not has_mask:
+            out_dicts = (st["temp_output_dict_per_obj"][obj_idx][storage_key],
+                         st["output_dict_per_obj"][obj_idx][COND], st["output_dict_per_obj"][obj_idx][NON_COND])
+            prev_out = next((d[frame_idx] for d in out_dicts if frame_idx in d), None)
+            if prev_out is not None and prev_out["pred_masks"] is not None:
+                prev = np.clip(prev_out["pred_masks"], -32.0, 32.0)
+        bank = self._empty if (init_cond or has_mask) else self._bank(st, obj_idx, frame_idx, reverse)
+        feats = self._get_image_feature(st, frame_idx)
+        out = self.fns.interact(self.params, bank, feats, prompt, np.int32(frame_idx), np.int32(st["num_frames"]),
+                                np.bool_(reverse), prev, init_cond=init_cond or has_mask, has_mask=has_mask)
+        out = jax.tree.map(np.asarray, out)
+        st["temp_output_dict_per_obj"][obj_idx][storage_key][frame_idx] = {
+            "maskmem_features": None,
+            "pred_masks": out["low_res_masks"],
+            "obj_ptr": out["obj_ptr"],
+            "object_score_logits": out["object_score_logits"],
+        }
+        return frame_idx, st["obj_ids"], self._consolidated(st, frame_idx, storage_key)
+
+    def add_new_points_or_box(self, inference_state, frame_idx, obj_id, points=None, labels=None,
+                              clear_old_points=True, normalize_coords=True, box=None):
+        """Clicks (label 1 positive, 0 negative) and/or a box (x0, y0, x1, y1) on a frame.
+
+        Returns (frame_idx, obj_ids, mask logits (num_objs, 1, H, W)).
+        """
+        st = inference_state
+        obj_idx = self._obj_id_to_idx(st, obj_id)
+        if (points is not None) != (labels is not None):
+            raise ValueError("points and labels must be provided together")
+        if points is None and box is None:
+            raise ValueError("at least one of points or box must be provided as input")
+        pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
+        lab = np.zeros((0,), np.int32) if labels is None else np.asarray(labels, np.int32).reshape(-1)
+        if box is not None:
+            if not clear_old_points:
+                raise ValueError("cannot add box without clearing old points, since box prompt must be "
+                                 "provided before any point prompt (please use clear_old_points=True instead)")
+            pts = np.concatenate([np.asarray(box, np.float32).reshape(2, 2), pts])
+            lab = np.concatenate([np.array([2, 3], np.int32), lab])
+        if normalize_coords:
+            pts = pts / np.array([st["video_width"], st["video_height"]], np.float32)
+        pts = (pts * np.float32(self.image_size)).astype(np.float32)
+        old = None if clear_old_points else st["point_inputs_per_obj"][obj_idx].get(frame_idx)
+        if old is not None:
+            pts = np.concatenate([old["point_coords"], pts])
+            lab = np.concatenate([old["point_labels"], lab])
+        st["point_inputs_per_obj"][obj_idx][frame_idx] = {"point_coords": pts, "point_labels": lab}
+        st["mask_inputs_per_obj"][obj_idx].pop(frame_idx, None)
+        prompt = make_prompt(self.image_size, self.tracker_config.max_points, points=pts, labels=lab)
+        return self._interact(st, obj_idx, frame_idx, prompt, has_mask=False)
+
+    add_new_points = add_new_points_or_box
+
+    def add_new_mask(self, inference_state, frame_idx, obj_id, mask):
+        """A 2-D mask (any size; resized with antialias and thresholded at 0.5)."""
+        st = inference_state
+        obj_idx = self._obj_id_to_idx(st, obj_id)
+        mask = np.asarray(mask, bool)
+        assert mask.ndim == 2
+        m = mask.astype(np.float32)[None, :, :, None]
+        if mask.shape != (self.image_size, self.image_size):
+            m = layers.resize_bilinear(jnp.asarray(m), (self.image_size,) * 2, antialias=True)
+            m = (np.asarray(m) >= 0.5).astype(np.float32)
+        st["mask_inputs_per_obj"][obj_idx][frame_idx] = m[0]
+        st["point_inputs_per_obj"][obj_idx].pop(frame_idx, None)
+        prompt = make_prompt(self.image_size, self.tracker_config.max_points, mask=m[0])
+        return self._interact(st, obj_idx, frame_idx, prompt, has_mask=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Propagation
+
+    def propagate_in_video_preflight(self, inference_state):
+        """Encode the memories of interacted frames and move them into the output dicts."""
+        st = inference_state
+        if not st["obj_ids"]:
+            raise RuntimeError("No input points or masks are provided for any object; please add inputs first.")
+        for obj_idx in range(len(st["obj_ids"])):
+            out_dict = st["output_dict_per_obj"][obj_idx]
+            temp = st["temp_output_dict_per_obj"][obj_idx]
+            for storage_key in (NON_COND, COND):
+                for frame_idx, out in temp[storage_key].items():
+                    if out["maskmem_features"] is None:
+                        feats = self._get_image_feature(st, frame_idx)
+                        mem = self.fns.memory(self.params, feats, out["pred_masks"], out["object_score_logits"])
+                        out["maskmem_features"] = np.asarray(mem)
+                    out_dict[storage_key][frame_idx] = out
+                temp[storage_key].clear()
+            if not out_dict[COND]:
+                raise RuntimeError(f"No input points or masks are provided for object id "
+                                   f"{st['obj_idx_to_id'][obj_idx]}; please add inputs first.")
+            for frame_idx in out_dict[COND]:
+                out_dict[NON_COND].pop(frame_idx, None)
+
+    def propagate_in_video(self, inference_state, start_frame_idx=None, max_frame_num_to_track=None,
+                           reverse=False):
+        """Yield (frame_idx, obj_ids, mask logits (num_objs, 1, H, W)) in tracking order."""
+        st = inference_state
+        self.propagate_in_video_preflight(st)
+        obj_ids = st["obj_ids"]
+        n_obj = len(obj_ids)
+        if start_frame_idx is None:
+            start_frame_idx = min(t for o in st["output_dict_per_obj"].values() for t in o[COND])
+        order = processing_order(st["num_frames"], start_frame_idx, max_frame_num_to_track, reverse)
+        if not order:
+            return
+        banks = [self._bank(st, i, start_frame_idx, reverse) for i in range(n_obj)]
+        state = jax.tree.map(lambda *xs: np.stack(xs), *banks)
+        for idx, outs, _ in iter_propagate(self.params, self.config, state, st["images"], start_frame_idx,
+                                           reverse, max_frame_num_to_track, self.tracker_config):
+            for j, frame_idx in enumerate(idx):
+                masks = []
+                for obj_idx in range(n_obj):
+                    out_dict = st["output_dict_per_obj"][obj_idx]
+                    if frame_idx in out_dict[COND]:
+                        pred = out_dict[COND][frame_idx]["pred_masks"]
+                    else:
+                        pred = outs["low_res_masks"][j, obj_idx]
+                        out_dict[NON_COND][frame_idx] = {
+                            "maskmem_features": outs["maskmem_features"][j, obj_idx],
+                            "pred_masks": pred,
+                            "obj_ptr": outs["obj_ptr"][j, obj_idx],
+                            "object_score_logits": outs["object_score_logits"][j, obj_idx],
+                        }
+                    st["frames_tracked_per_obj"][obj_idx][frame_idx] = {"reverse": reverse}
+                    masks.append(pred)
+                yield frame_idx, obj_ids, self._video_res(st, np.stack(masks))

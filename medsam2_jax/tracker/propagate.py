@@ -1,0 +1,175 @@
+"""Whole-video tracking: image features in batches, then a `lax.scan` of `step` over frames.
+
+A video is cut into fixed-size chunks of `chunk_size` frames in processing order (forward or
+reverse from a start frame); one compiled function encodes a chunk's frames in batches of
+`feature_batch_size` and scans the chunk, the state carried from chunk to chunk. The last chunk is
+padded with inactive frames. So every video length, start frame, direction and prompt layout runs
+on the same executable, device memory holds one chunk and one fixed-size state whatever the
+length, and per-frame outputs stream to the host chunk by chunk.
+
+Prompts go in before the scan with `add_prompt` (as the official predictor encodes every prompted
+frame before `propagate_in_video`): all conditioning frames are in the bank from the first tracked
+frame on, and the scan replays their stored outputs when it reaches them.
+
+`TRACE_COUNTS` counts how often each compiled function was traced (tests check recompilation).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medsam2_jax.model import layers, sam2
+from medsam2_jax.tracker import config as tracker_config_lib
+from medsam2_jax.tracker import step as step_lib
+from medsam2_jax.tracker.state import TrackerState
+
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def compute_features(params, config, frames, batch_size: int):
+    """(N, S, S, 3) normalised frames -> per-frame features, encoded `batch_size` at a time."""
+    n = frames.shape[0]
+    batches = frames.reshape(n // batch_size, batch_size, *frames.shape[1:])
+    feats = jax.lax.map(lambda x: sam2.forward_image(params, x, config), batches)
+    merge = lambda x: x.reshape(n, *x.shape[2:])
+    return {
+        "vision_features": merge(feats["vision_features"]),
+        "vision_pos_enc": feats["vision_pos_enc"][0],
+        "high_res_features": None if feats["high_res_features"] is None else [merge(h) for h in feats["high_res_features"]],
+    }
+
+
+def _frame(features, i):
+    hr = features["high_res_features"]
+    return {
+        "vision_features": features["vision_features"][i],
+        "vision_pos_enc": features["vision_pos_enc"],
+        "high_res_features": None if hr is None else [h[i] for h in hr],
+    }
+
+
+class Compiled:
+    """The jitted functions for one (model config, tracker config) pair."""
+
+    def __init__(self, config, tracker_config):
+        tracker_config_lib.check(tracker_config, config)
+        self.config, self.tracker_config = config, tracker_config
+        c, tc = config, tracker_config
+        objects = lambda f, *axes: jax.vmap(f, in_axes=axes)
+
+        def chunk(params, state, frames, frame_idx, active, num_frames, reverse):
+            TRACE_COUNTS["chunk"] += 1
+            feats = compute_features(params, c, frames, tc.feature_batch_size)
+
+            def body(st, x):
+                i, t, a = x
+                f = _frame(feats, i)
+                track = lambda s_: step_lib.track_frame(params, c, s_, f, t, num_frames, reverse, a)
+                st, out = jax.vmap(track)(st)
+                return st, out
+
+            idx = jnp.arange(frames.shape[0])
+            return jax.lax.scan(body, state, (idx, frame_idx, active))
+
+        def add_prompt(params, state, frame, prompt, frame_idx, prompted):
+            TRACE_COUNTS["add_prompt"] += 1
+            f = _frame(compute_features(params, c, frame[None], 1), 0)
+            one = lambda s_, p_, a_: step_lib.step(params, c, s_, f, frame_idx, 1, False, p_, a_)
+            return jax.vmap(one)(state, prompt, prompted)
+
+        def interact(params, state, features, prompt, frame_idx, num_frames, reverse, prev, *, init_cond, has_mask):
+            TRACE_COUNTS["interact"] += 1
+            prompt = prompt.replace(has_mask=has_mask)
+            return step_lib.prompt_frame(params, c, state, features, prompt, frame_idx, num_frames, reverse,
+                                         init_cond=init_cond, prev_mask_logits=prev)
+
+        def features1(params, frame):
+            TRACE_COUNTS["features"] += 1
+            return _frame(compute_features(params, c, frame[None], 1), 0)
+
+        def memory(params, features, low_res, score):
+            TRACE_COUNTS["memory"] += 1
+            return step_lib.prompt_memory(params, c, features, low_res, score)
+
+        self.chunk = jax.jit(chunk)
+        self.add_prompt = jax.jit(add_prompt)
+        self.interact = jax.jit(interact, static_argnames=("init_cond", "has_mask"))
+        self.features = jax.jit(features1)
+        self.memory = jax.jit(memory)
+        self.resize = jax.jit(lambda x, hw: layers.resize_bilinear(x, hw, antialias=False), static_argnums=1)
+
+
+_COMPILED: dict = {}
+
+
+def compiled(config, tracker_config=None) -> Compiled:
+    """Shared jitted functions, so equal configs never compile twice."""
+    tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
+    key = (config.to_json(), tracker_config.to_json())
+    if key not in _COMPILED:
+        _COMPILED[key] = Compiled(copy.deepcopy(config), copy.deepcopy(tracker_config))
+    return _COMPILED[key]
+
+
+def processing_order(num_frames: int, start_frame_idx: int, max_frame_num_to_track=None, reverse=False):
+    """Frame indices in tracking order, with `propagate_in_video`'s bounds."""
+    max_n = num_frames if max_frame_num_to_track is None else max_frame_num_to_track
+    if reverse:
+        end = max(start_frame_idx - max_n, 0)
+        return list(range(start_frame_idx, end - 1, -1)) if start_frame_idx > 0 else []
+    end = min(start_frame_idx + max_n, num_frames - 1)
+    return list(range(start_frame_idx, end + 1))
+
+
+def add_prompt(params, config, state: TrackerState, frame, prompt, frame_idx, prompted=None, tracker_config=None):
+    """Pin a prompted frame for each object with `prompted` (O,) set (all by default).
+
+    frame (S, S, 3) normalised; prompt a `Prompt` with a leading object axis (same padding for
+    every object); state with a leading object axis. Returns (state, outputs per object).
+    """
+    fns = compiled(config, tracker_config)
+    o = state.cond_frame.shape[0]
+    prompted = np.ones((o,), bool) if prompted is None else np.asarray(prompted, bool)
+    return fns.add_prompt(params, state, jnp.asarray(frame), prompt, jnp.int32(frame_idx), prompted)
+
+
+def iter_propagate(params, config, state: TrackerState, frames, start_frame_idx: int, reverse: bool = False,
+                   max_frame_num_to_track=None, tracker_config=None):
+    """Yield (frame indices, host outputs with a leading frame axis, state) chunk by chunk.
+
+    frames: (T, S, S, 3) normalised, on the host (only a chunk is on the device at a time).
+    Outputs per frame: low_res_masks (O, 4s, 4s, 1), object_score_logits (O, 1), obj_ptr (O, C),
+    maskmem_features (O, s, s, Cm) bfloat16, is_cond (O,).
+    """
+    fns = compiled(config, tracker_config)
+    size = fns.tracker_config.chunk_size
+    num_frames = frames.shape[0]
+    order = processing_order(num_frames, start_frame_idx, max_frame_num_to_track, reverse)
+    for k in range(0, len(order), size):
+        idx = order[k:k + size]
+        n = len(idx)
+        padded = idx + [idx[-1]] * (size - n)
+        chunk_frames = np.asarray(frames[np.asarray(padded)])
+        active = np.arange(size) < n
+        state, outs = fns.chunk(params, state, chunk_frames, np.asarray(padded, np.int32), active,
+                                np.int32(num_frames), np.bool_(reverse))
+        outs = jax.tree.map(lambda x: np.asarray(x)[:n], outs)
+        yield idx, outs, state
+
+
+def propagate(params, config, state: TrackerState, frames, start_frame_idx: int, reverse: bool = False,
+              max_frame_num_to_track=None, tracker_config=None):
+    """Track every object over the video: (final state, frame indices, stacked host outputs)."""
+    indices, chunks = [], []
+    for idx, outs, state in iter_propagate(params, config, state, frames, start_frame_idx, reverse,
+                                           max_frame_num_to_track, tracker_config):
+        indices += idx
+        chunks.append(outs)
+    if not chunks:
+        return state, [], {}
+    return state, indices, jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)

@@ -1,0 +1,196 @@
+"""One frame of SAM 2 tracking for one object, as pure functions over `TrackerState`.
+
+`step` is `SAM2Base.track_step` as the official video predictor drives it:
+  - a frame without a prompt reads the bank (all conditioning frames, the `num_maskmem - 1`
+    frames before it in tracking direction, object pointers), runs memory attention with empty
+    slots masked, the SAM heads, the object pointer and the memory encoder, and enters the
+    recent ring; a frame that is already a conditioning frame replays its stored output, as
+    `propagate_in_video` does;
+  - a prompted frame (points, a box, or a mask) is an initial conditioning frame: no memory,
+    `no_mem_embed` added, and its memory is encoded the way `propagate_in_video_preflight` does
+    it (from the low-res logits upsampled, binarised as "from points"), then pinned.
+Frame features are unbatched here ((s, s, 256) maps); `jax.vmap` over a leading object axis
+tracks several objects on shared features. Hole filling (`fill_hole_area`) needs the CUDA
+extension in the official code and is skipped on CPU; it is not applied here either.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from medsam2_jax.model import layers, sam2
+from medsam2_jax.model.memory_attention import memory_attention
+from medsam2_jax.model.position_encoding import sine_1d, sine_2d
+from medsam2_jax.tracker.state import MEMORY_DTYPE, TrackerState, lookup_recent, write_cond, write_recent
+
+
+def _batch1(features):
+    return (
+        features["vision_features"][None],
+        features["vision_pos_enc"],
+        None if features["high_res_features"] is None else [h[None] for h in features["high_res_features"]],
+    )
+
+
+def recent_targets(config, frame_idx, reverse):
+    """Frame indices read for t_pos = 1 .. num_maskmem-1 (`_prepare_memory_conditioned_features`)."""
+    m, r = config.num_maskmem, config.memory_temporal_stride_for_eval
+    t = jnp.asarray(frame_idx, jnp.int32)
+    t_rel = m - jnp.arange(1, m, dtype=jnp.int32)
+    fwd = jnp.where(t_rel == 1, t - 1, ((t - 2) // r) * r - (t_rel - 2) * r)
+    rev = jnp.where(t_rel == 1, t + 1, -((-(t + 2)) // r) * r + (t_rel - 2) * r)
+    return jnp.where(reverse, rev, fwd)
+
+
+def memory_conditioned_features(params, config, state: TrackerState, vision_features, vision_pos_enc,
+                                frame_idx, num_frames, reverse):
+    """(1, s, s, C) features fused with the bank for a frame that is not an initial cond frame."""
+    s, c, cm = vision_features.shape[1], config.hidden_dim, config.mem_dim
+    hw, m = s * s, config.num_maskmem
+    f32 = jnp.float32
+    t = jnp.asarray(frame_idx, jnp.int32)
+    sign = jnp.where(reverse, -1, 1)
+    mem_pos = sine_2d(s, s, cm).reshape(hw, cm)
+    tpos = params["maskmem_tpos_enc"][:, 0, 0, :]  # (num_maskmem, Cm)
+
+    # Spatial memories: every conditioning frame (t_pos 0), then t_pos = 1 .. m-1.
+    kc = state.cond_mem.shape[0]
+    cond_tok = state.cond_mem.astype(f32).reshape(kc * hw, cm)
+    cond_pos = jnp.tile(mem_pos + tpos[m - 1], (kc, 1))
+    cond_ok = jnp.repeat(state.cond_valid, hw)
+    t_pos = jnp.arange(1, m)
+    slot, found = lookup_recent(state.mem_frame, state.mem_valid, recent_targets(config, t, reverse))
+    rec_tok = state.mem[slot].astype(f32).reshape((m - 1) * hw, cm)
+    rec_pos = (mem_pos[None] + tpos[m - t_pos - 1][:, None, :]).reshape((m - 1) * hw, cm)
+    rec_ok = jnp.repeat(found, hw)
+    toks, poss, oks = [cond_tok, rec_tok], [cond_pos, rec_pos], [cond_ok, rec_ok]
+
+    num_ptr_tokens = 0
+    if config.use_obj_ptrs_in_encoder:
+        max_ptrs = jnp.minimum(jnp.asarray(num_frames, jnp.int32), config.max_obj_ptrs_in_encoder)
+        # Conditioning pointers (only those in the past in eval), offset by signed distance.
+        if config.only_obj_ptrs_in_the_past_for_eval:
+            past = jnp.where(reverse, state.cond_frame >= t, state.cond_frame <= t)
+        else:
+            past = jnp.ones_like(state.cond_valid)
+        cond_ptr_ok = state.cond_valid & past
+        if config.use_signed_tpos_enc_to_obj_ptrs:
+            cond_off = (t - state.cond_frame) * sign
+        else:
+            cond_off = jnp.abs(t - state.cond_frame)
+        # Then frames t-1, t-2, ... (tracking direction) up to max_ptrs - 1 back, inside the video.
+        p = state.ptr.shape[0]
+        diff = jnp.arange(1, p + 1, dtype=jnp.int32)
+        target = t - sign * diff
+        pslot, pfound = lookup_recent(state.ptr_frame, state.ptr_valid, target)
+        rec_ptr_ok = pfound & (diff <= max_ptrs - 1) & (target >= 0) & (target < num_frames)
+        ptrs = jnp.concatenate([state.cond_ptr, state.ptr[pslot]])
+        offs = jnp.concatenate([cond_off, diff]).astype(f32)
+        ptr_ok = jnp.concatenate([cond_ptr_ok, rec_ptr_ok])
+        if config.add_tpos_enc_to_obj_ptrs:
+            t_diff_max = jnp.maximum(max_ptrs - 1, 1).astype(f32)  # the normaliser follows the video length
+            pe = sine_1d(offs / t_diff_max, c if config.proj_tpos_enc_in_obj_ptrs else cm)
+            ptr_pos = layers.linear(params["obj_ptr_tpos_proj"], pe) if config.proj_tpos_enc_in_obj_ptrs else pe
+        else:
+            ptr_pos = jnp.zeros((ptrs.shape[0], cm), f32)
+        split = c // cm  # a pointer becomes `split` consecutive tokens of width Cm
+        toks.append(ptrs.reshape(-1, cm))
+        poss.append(jnp.repeat(ptr_pos, split, axis=0))
+        oks.append(jnp.repeat(ptr_ok, split))
+        num_ptr_tokens = ptrs.shape[0] * split
+
+    memory = jnp.concatenate(toks)[None]
+    memory_pos = jnp.concatenate(poss)[None]
+    memory_mask = jnp.concatenate(oks)[None]
+    curr = vision_features.reshape(1, hw, c)
+    curr_pos = vision_pos_enc.reshape(1, hw, c)
+    out = memory_attention(params["memory_attention"], curr, curr_pos, memory, memory_pos, num_ptr_tokens,
+                           config, memory_mask=memory_mask)
+    return out.reshape(1, s, s, c)
+
+
+def _encode(params, config, vision_features, high_res_masks, score, from_points):
+    mem, _ = sam2.encode_new_memory(params, vision_features, high_res_masks, score, from_points, config)
+    return mem[0].astype(MEMORY_DTYPE)
+
+
+def prompt_memory(params, config, features, low_res_masks, object_score_logits):
+    """Memory of a prompted frame as `propagate_in_video_preflight` encodes it (bfloat16)."""
+    high = layers.resize_bilinear(low_res_masks[None], (config.image_size,) * 2, antialias=False)
+    return _encode(params, config, features["vision_features"][None], high, object_score_logits[None], True)
+
+
+def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames, reverse, *,
+                 init_cond: bool, prev_mask_logits=None):
+    """The SAM heads for a frame that receives clicks, a box or a mask (no memory encoding).
+
+    `init_cond` (static): the object has not been tracked on this frame, so no memory is used.
+    Otherwise the prompt corrects a tracked frame and the bank is read (`state` must hold it).
+    `prompt.has_mask` may be a Python bool (one path traced) or traced (both, then selected).
+    `prev_mask_logits` (4s, 4s, 1), clamped by the caller, go in with the points as the official
+    `prev_sam_mask_logits` do.
+    """
+    vf, pos, hr = _batch1(features)
+    has_mask = prompt.has_mask
+    outs = {}
+    if has_mask is not False:
+        outs[True] = sam2.use_mask_as_output(params, vf, hr, prompt.mask[None], config)
+    if has_mask is not True:
+        if init_cond:
+            pix = sam2.add_no_mem_embed(params, vf)
+        else:
+            pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse)
+        n = prompt.point_valid.sum()
+        multimask = (config.multimask_output_in_sam and (init_cond or config.multimask_output_for_tracking)) & (
+            (config.multimask_min_pt_num <= n) & (n <= config.multimask_max_pt_num))
+        outs[False] = sam2.forward_sam_heads(
+            params, pix, config, point_coords=prompt.points[None], point_labels=prompt.labels[None],
+            mask_inputs=None if prev_mask_logits is None else prev_mask_logits[None],
+            high_res_features=hr, multimask_output=multimask, point_mask=prompt.point_valid[None])
+    keys = ("low_res_masks", "obj_ptr", "object_score_logits")
+    if len(outs) == 1:
+        out = {k: next(iter(outs.values()))[k][0] for k in keys}
+    else:
+        out = {k: jnp.where(has_mask, outs[True][k][0], outs[False][k][0]) for k in keys}
+    return out
+
+
+def track_frame(params, config, state: TrackerState, features, frame_idx, num_frames, reverse, active=True):
+    """A frame without a new prompt: track from memory, or replay a conditioning frame."""
+    vf, pos, hr = _batch1(features)
+    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse)
+    multimask = (config.multimask_output_in_sam and config.multimask_output_for_tracking
+                 and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
+    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
+    mem = _encode(params, config, vf, sam["high_res_masks"], sam["object_score_logits"], False)
+
+    same = state.cond_valid & (state.cond_frame == frame_idx)
+    replay, cslot = same.any(), jnp.argmax(same)
+    out = {
+        "low_res_masks": jnp.where(replay, state.cond_mask[cslot], sam["low_res_masks"][0]),
+        "object_score_logits": jnp.where(replay, state.cond_score[cslot], sam["object_score_logits"][0]),
+        "obj_ptr": jnp.where(replay, state.cond_ptr[cslot], sam["obj_ptr"][0]),
+        "maskmem_features": jnp.where(replay, state.cond_mem[cslot], mem),
+        "is_cond": replay,
+    }
+    state = write_recent(state, frame_idx, mem, sam["obj_ptr"][0], write=jnp.asarray(active) & ~replay)
+    return state, out
+
+
+def step(params, config, state: TrackerState, features, frame_idx, num_frames, reverse=False, prompt=None,
+         active=True):
+    """`track_step` for one object: (state, outputs) with low_res_masks (4s, 4s, 1),
+    object_score_logits (1,), obj_ptr (C,), maskmem_features (s, s, Cm) bfloat16, is_cond.
+
+    With `prompt` the frame becomes a pinned initial conditioning frame (`active` gates the write,
+    so a vmapped call can prompt some objects only); without, it is tracked from the bank.
+    `frame_idx`, `num_frames`, `reverse` and `active` may be traced.
+    """
+    if prompt is None:
+        return track_frame(params, config, state, features, frame_idx, num_frames, reverse, active)
+    out = prompt_frame(params, config, state, features, prompt, frame_idx, num_frames, reverse, init_cond=True)
+    mem = prompt_memory(params, config, features, out["low_res_masks"], out["object_score_logits"])
+    state = write_cond(state, frame_idx, mem, out["obj_ptr"], out["low_res_masks"], out["object_score_logits"],
+                       write=active)
+    return state, dict(out, maskmem_features=mem, is_cond=jnp.asarray(True))

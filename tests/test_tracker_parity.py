@@ -1,0 +1,137 @@
+"""The tracker against the official `SAM2VideoPredictor` (random decisive weights, CPU, float32).
+
+Both sides get the same normalised frames at the model resolution (testing-against-sam2.md) and
+the same sequence of calls; every mask the official predictor returns (interactions and
+propagation) is compared with ours.
+
+Tolerance: the official predictor stores memories in bfloat16 and so do we, so one-ulp rounding
+differences of a memory feature can appear and grow a little over frames; we require logits
+within LOGIT_ATOL on every pixel (the -1024 "no object" fill included), identical binary masks on
+>= 99.9 % of the pixels whose reference logit is farther than 1e-2 from zero, and equal object
+presence per frame and object.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from medsam2_jax.configs.model import get_config
+from medsam2_jax.tracker.predictor import VideoPredictor
+from tests.reference import hydra_overrides, make_decisive, mask_agreement
+
+LOGIT_ATOL = 1e-2
+MIN_AGREEMENT = 0.999
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str, image_size: int | None = None, seed: int = 0):
+    """(official video predictor, our params, our config) for a config at any image size."""
+    import torch
+    from sam2.build_sam import build_sam2_video_predictor
+
+    from medsam2_jax.convert.checkpoint import torch_to_params
+
+    config = get_config(name)
+    if image_size is not None:
+        config.image_size = image_size
+    yaml, overrides = hydra_overrides(config)
+    torch.manual_seed(seed)
+    predictor = build_sam2_video_predictor(yaml, None, device="cpu", hydra_overrides_extra=overrides)
+    make_decisive(predictor, seed)
+    predictor.eval()
+    state = {k: v.numpy() for k, v in predictor.state_dict().items()}
+    params, _ = torch_to_params(state, config)
+    return predictor, params, config
+
+
+def make_frames(num_frames: int, size: int, seed: int = 0) -> np.ndarray:
+    """(T, S, S, 3) ImageNet-normalised frames: blocky structure drifting slowly over time."""
+    rng = np.random.default_rng(seed)
+    cells = max(size // 32, 2)
+    base = rng.random((cells, cells, 3))
+    frames = []
+    for t in range(num_frames):
+        img = np.clip(base + 0.08 * rng.standard_normal((cells, cells, 3)) + 0.02 * t, 0, 1)
+        img = np.kron(img, np.ones((size // cells, size // cells, 1)))
+        frames.append(img)
+    frames = np.stack(frames).astype(np.float32)
+    mean = np.asarray((0.485, 0.456, 0.406), np.float32)
+    std = np.asarray((0.229, 0.224, 0.225), np.float32)
+    return (frames - mean) / std
+
+
+def official_state(predictor, frames):
+    import torch
+    from PIL import Image
+
+    t, s = frames.shape[:2]
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(t):
+            Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(d, f"{i:05d}.jpg"))
+        st = predictor.init_state(d)
+    st["images"] = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
+    st["num_frames"], st["video_height"], st["video_width"] = t, s, s
+    st["cached_features"] = {}
+    return st
+
+
+def run(predictor, st, ops, ours: bool):
+    """Apply the ops; return the list of (label, masks (O, 1, H, W) logits) both APIs produce."""
+    import torch
+
+    results = []
+    for op in ops:
+        kind, args = op[0], op[1]
+        if kind == "points":
+            _, _, m = predictor.add_new_points_or_box(st, **args)
+            results.append((f"click {args['frame_idx']}", m))
+        elif kind == "mask":
+            _, _, m = predictor.add_new_mask(st, **args)
+            results.append((f"mask {args['frame_idx']}", m))
+        elif kind == "propagate":
+            for t, _, m in predictor.propagate_in_video(st, **args):
+                results.append((f"prop {t} rev={args.get('reverse', False)}", m))
+    return [(label, np.asarray(m.numpy() if isinstance(m, torch.Tensor) else m, np.float32)) for label, m in results]
+
+
+def compare(name, image_size, num_frames, ops, seed=0):
+    import torch
+
+    predictor, params, config = reference(name, image_size)
+    frames = make_frames(num_frames, config.image_size, seed)
+    with torch.inference_mode():
+        ref = run(predictor, official_state(predictor, frames), ops, ours=False)
+    ours_pred = VideoPredictor(params, config)
+    got = run(ours_pred, ours_pred.init_state(frames, normalized=True), ops, ours=True)
+    assert [label for label, _ in ref] == [label for label, _ in got]
+    max_diff, worst_agree, present = 0.0, 1.0, 0
+    for (label, r), (_, g) in zip(ref, got):
+        assert r.shape == g.shape, label
+        pr, pg = r.reshape(r.shape[0], -1).max(1) > -1000, g.reshape(g.shape[0], -1).max(1) > -1000
+        np.testing.assert_array_equal(pr, pg, err_msg=f"object presence differs at {label}")
+        present += int(pr.sum())
+        max_diff = max(max_diff, float(np.abs(r - g).max()))
+        worst_agree = min(worst_agree, mask_agreement(g, r))
+    stats = dict(frames=len(ref), max_abs_logit_diff=max_diff, min_agreement=worst_agree, present=present,
+                 positive_px=float(np.mean([(r > 0).mean() for _, r in ref])))
+    print(name, image_size, stats)
+    # Not degenerate: the object is present on some frames and covers some pixels.
+    assert present > 0 and stats["positive_px"] > 0
+    assert max_diff <= LOGIT_ATOL, stats
+    assert worst_agree >= MIN_AGREEMENT, stats
+    return stats
+
+
+S = 256  # the test config's size; positions below are fractions of it
+CLICK = lambda f, obj=1, pts=((0.5, 0.5),), lab=(1,): ("points", dict(frame_idx=f, obj_id=obj, points=[[x * S, y * S] for x, y in pts], labels=list(lab)))
+FWD = ("propagate", {})
+
+
+@pytest.mark.parametrize("name", ["test", "test_sam2"])
+def test_one_click_frame0(name):
+    compare(name, None, 20, [CLICK(0), FWD])
