@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medsam2_jax import datasets
-from medsam2_jax.volumes import io
+from medsam2_jax.volumes import io, output
 from medsam2_jax.volumes.io import VolumeError
 
 
@@ -222,6 +222,15 @@ def test_dicom_series_matches_the_nifti_it_came_from(itk_t1, itk_t1_dicom_folder
     assert volume.source_format == "dicom" and volume.modality == "MR"
     np.testing.assert_allclose(volume.affine, itk_t1.affine, atol=1e-4)
     np.testing.assert_array_equal(volume.array, itk_t1.array * 2 - 100)  # rescale slope/intercept applied
+
+
+def test_dicom_input_gets_nifti_with_its_geometry(tmp_path, itk_t1_dicom_folder):
+    volume = io.load_volume(itk_t1_dicom_folder)
+    labels = (volume.array > 300).astype(np.int32)
+    written = nib.load(output.write_labels(volume, labels, tmp_path / "labels.nii.gz"))
+    np.testing.assert_allclose(written.affine, volume.original_affine, atol=1e-5)
+    assert written.header["sform_code"] == 1 and written.header["qform_code"] == 1
+    np.testing.assert_array_equal(io.load_label_volume(tmp_path / "labels.nii.gz", volume), labels)
 
 
 def test_dicom_series_with_a_missing_slice(tmp_path):
