@@ -100,6 +100,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict (expected a dict with a 'model' entry of tensors)")
+    # Checkpoints saved from a DistributedDataParallel wrapper carry a "module." prefix.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
     return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 

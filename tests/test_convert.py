@@ -181,3 +181,13 @@ def test_loading_into_another_config_fails_clearly(tmp_path):
     save_params(params, tmp_path / "ck", config)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_params(tmp_path / "ck", get_config("sam2.1_tiny"))
+
+
+def test_plain_and_ddp_state_dicts(tmp_path):
+    """Fine-tunes are often saved as a bare state dict, or from DDP with a 'module.' prefix."""
+    model, params, config = reference_image_model("test")
+    for name, obj in [("bare.pt", model.state_dict()),
+                      ("ddp.pt", {"model": {f"module.{k}": v for k, v in model.state_dict().items()}})]:
+        torch.save(obj, tmp_path / name)
+        converted, _ = torch_to_params(read_state_dict(tmp_path / name), config)
+        assert set(flatten_params(converted)) == set(flatten_params(params))
