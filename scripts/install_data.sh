@@ -20,7 +20,7 @@ for package in "${debian_packages[@]}"; do
     || missing_debian+=("$package")
 done
 if (( ${#missing_debian[@]} )); then
-  export DEBIAN_FRONTEND=noninteractive
+  export DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes
   apt-get update -qq >/dev/null
   apt-get install -y -qq "${missing_debian[@]}" >/dev/null
 fi
