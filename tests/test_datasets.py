@@ -8,12 +8,6 @@ import pytest
 from medsam2_jax import datasets
 
 
-def real(dataset_function):
-    try:
-        return dataset_function()
-    except datasets.DatasetMissingError as error:
-        pytest.skip(f"needs the offline data of scripts/install_data.sh: {error}")
-
 
 @pytest.mark.parametrize("name, shape", [
     ("colin27", (181, 217, 181)), ("colin27_brain", (181, 217, 181)), ("aal", (181, 217, 181)),
@@ -22,25 +16,25 @@ def real(dataset_function):
     ("nibabel_anatomical", (33, 41, 25)), ("nibabel_example4d", (128, 96, 24, 2)),
 ])
 def test_nifti_files_are_found_and_verified(name, shape):
-    path = real(getattr(datasets, name))
+    path = getattr(datasets, name)()
     assert nib.load(path).shape == shape
 
 
 def test_aal_holds_its_116_regions():
-    values = np.unique(np.asarray(nib.load(real(datasets.aal)).dataobj))
+    values = np.unique(np.asarray(nib.load(datasets.aal()).dataobj))
     assert len(values) == 117 and values.max() == 116
 
 
 def test_stardist_and_dicom_files():
-    image, mask = real(datasets.stardist_nuclei)
+    image, mask = datasets.stardist_nuclei()
     assert image.name == "img2d.tif" and mask.name == "mask2d.tif"
-    files = real(datasets.dicom_files)
+    files = datasets.dicom_files()
     assert set(files) == set(datasets.DICOM_TEST_FILES) and all(p.is_file() for p in files.values())
 
 
 def test_invesalius_ct_converts_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSAM2_JAX_CACHE", str(tmp_path))
-    path = real(datasets.invesalius_ct)
+    path = datasets.invesalius_ct()
     assert path.parent == tmp_path and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     image = nib.load(path)
     assert image.shape == (256, 256, 108) and image.get_data_dtype() == np.int16

@@ -7,16 +7,10 @@ from medsam2_jax import datasets
 from medsam2_jax.volumes import intensity, io
 
 
-def real(dataset_function):
-    try:
-        return dataset_function()
-    except datasets.DatasetMissingError as error:
-        pytest.skip(f"needs the offline data of scripts/install_data.sh: {error}")
-
 
 @pytest.fixture(scope="module")
 def head_ct():
-    return io.load_volume(real(datasets.invesalius_ct))
+    return io.load_volume(datasets.invesalius_ct())
 
 
 def test_head_ct_is_in_hounsfield_units(head_ct):
@@ -74,7 +68,7 @@ def test_bad_window_arguments(kwargs, message):
 
 
 def test_mr_percentile_clip_on_colin27():
-    t1 = io.load_volume(real(datasets.colin27)).array
+    t1 = io.load_volume(datasets.colin27()).array
     unit = intensity.percentile_clip(t1, 0.5, 99.5)
     assert unit.min() == 0 and unit.max() == 1
     assert 0.004 < np.mean(unit == 1) < 0.006  # the top 0.5 % saturate (uint8 ties add a little)

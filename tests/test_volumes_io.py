@@ -11,16 +11,10 @@ from medsam2_jax.volumes import io, output
 from medsam2_jax.volumes.io import VolumeError
 
 
-def real(dataset_function):
-    try:
-        return dataset_function()
-    except datasets.DatasetMissingError as error:
-        pytest.skip(f"needs the offline data of scripts/install_data.sh: {error}")
-
 
 @pytest.fixture(scope="module")
 def itk_t1():
-    return io.load_volume(real(datasets.itk_t1_lsa))
+    return io.load_volume(datasets.itk_t1_lsa())
 
 
 def assert_one_line_naming(error_info, path, *words):
@@ -46,7 +40,7 @@ def save_nifti(data, path, affine=np.eye(4)):
     ("invesalius_ct", (256, 256, 108), "LAS"),
 ])
 def test_real_volumes_load_canonical(name, shape, axcodes):
-    volume = io.load_volume(real(getattr(datasets, name)))
+    volume = io.load_volume(getattr(datasets, name)())
     assert volume.shape == shape
     assert "".join(volume.original_axcodes) == axcodes
     assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
@@ -73,7 +67,7 @@ def test_to_original_inverts_canonical(itk_t1):
 
 
 def test_label_volume_on_the_image_grid(itk_t1):
-    mask = io.load_label_volume(real(datasets.itk_t1_brainmask), itk_t1)
+    mask = io.load_label_volume(datasets.itk_t1_brainmask(), itk_t1)
     assert mask.shape == itk_t1.shape and mask.dtype == np.int32
     stored = np.asarray(nib.load(datasets.itk_t1_brainmask()).dataobj)
     for value in (0, 4, 5, 6):  # the skull strip holds these class values
@@ -82,7 +76,7 @@ def test_label_volume_on_the_image_grid(itk_t1):
 
 def test_label_volume_on_another_grid_is_rejected(itk_t1):
     with pytest.raises(VolumeError, match="does not match"):
-        io.load_label_volume(real(datasets.aal), itk_t1)
+        io.load_label_volume(datasets.aal(), itk_t1)
 
 
 # Bad input: each a one-line VolumeError naming the file ------------------------------------
@@ -106,7 +100,7 @@ def test_not_an_image(tmp_path, name, content):
 
 
 def test_truncated_nifti_gz(tmp_path):
-    whole = real(datasets.itk_t1_lsa).read_bytes()
+    whole = datasets.itk_t1_lsa().read_bytes()
     path = tmp_path / "truncated.nii.gz"
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(VolumeError) as error:
@@ -138,14 +132,14 @@ def test_png_where_3d_is_needed(tmp_path):
 
 
 def test_real_4d_is_rejected():
-    path = real(datasets.nibabel_example4d)
+    path = datasets.nibabel_example4d()
     with pytest.raises(VolumeError) as error:
         io.load_volume(path)
     assert_one_line_naming(error, path, "4D")
 
 
 def test_4d_with_one_volume_is_accepted(tmp_path):
-    source = nib.load(real(datasets.nibabel_anatomical))
+    source = nib.load(datasets.nibabel_anatomical())
     data = np.asarray(source.dataobj)
     path = tmp_path / "one_volume.nii.gz"
     nib.save(nib.Nifti1Image(data[..., None], source.affine), path)
@@ -213,8 +207,7 @@ def write_dicom_series(volume_path, folder, drop_slice=None):
 
 @pytest.fixture(scope="module")
 def itk_t1_dicom_folder(tmp_path_factory):
-    pytest.importorskip("pydicom", reason="pydicom is installed by scripts/install_data.sh")
-    return write_dicom_series(real(datasets.itk_t1_lsa), tmp_path_factory.mktemp("dicom"))
+    return write_dicom_series(datasets.itk_t1_lsa(), tmp_path_factory.mktemp("dicom"))
 
 
 def test_dicom_series_matches_the_nifti_it_came_from(itk_t1, itk_t1_dicom_folder):
@@ -234,8 +227,7 @@ def test_dicom_input_gets_nifti_with_its_geometry(tmp_path, itk_t1_dicom_folder)
 
 
 def test_dicom_series_with_a_missing_slice(tmp_path):
-    pytest.importorskip("pydicom")
-    folder = write_dicom_series(real(datasets.itk_t1_lsa), tmp_path, drop_slice=30)
+    folder = write_dicom_series(datasets.itk_t1_lsa(), tmp_path, drop_slice=30)
     with pytest.raises(VolumeError) as error:
         io.load_volume(folder)
     assert_one_line_naming(error, folder, "uneven gaps")
@@ -249,14 +241,14 @@ def test_folder_without_dicom(tmp_path):
 
 
 def test_multi_frame_dicom_file():
-    path = real(datasets.dicom_files)["emri_small.dcm"]
+    path = datasets.dicom_files()["emri_small.dcm"]
     volume = io.load_volume(path)
     assert volume.shape == (64, 64, 10)
     assert volume.modality == "MR"
 
 
 def test_single_dicom_slice_where_3d_is_needed():
-    path = real(datasets.dicom_files)["CT_small.dcm"]
+    path = datasets.dicom_files()["CT_small.dcm"]
     with pytest.raises(VolumeError) as error:
         io.load_volume(path)
     assert_one_line_naming(error, path, "single 2D DICOM slice")
@@ -265,7 +257,7 @@ def test_single_dicom_slice_where_3d_is_needed():
 # 2D images ---------------------------------------------------------------------------------
 
 def test_stardist_tiff_loads_as_2d():
-    image_path, mask_path = real(datasets.stardist_nuclei)
+    image_path, mask_path = datasets.stardist_nuclei()
     image = io.load_image_2d(image_path)
     assert image.shape == (512, 512) and image.dtype == np.float32
     assert len(np.unique(io.load_image_2d(mask_path))) == 126  # 125 nuclei and background
@@ -284,7 +276,7 @@ def test_2d_formats_round_trip(tmp_path, suffix):
 
 
 def test_3d_tiff_where_a_2d_image_is_needed():
-    image_path, _ = real(datasets.stardist_nuclei_3d)
+    image_path, _ = datasets.stardist_nuclei_3d()
     with pytest.raises(VolumeError, match="stack of 31 images"):
         io.load_image_2d(image_path)
 

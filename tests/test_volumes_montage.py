@@ -11,17 +11,11 @@ from medsam2_jax.volumes import io, montage, prompts
 from medsam2_jax.volumes.output import OutputError
 
 
-def real(dataset_function):
-    try:
-        return dataset_function()
-    except datasets.DatasetMissingError as error:
-        pytest.skip(f"needs the offline data of scripts/install_data.sh: {error}")
-
 
 @pytest.fixture(scope="module")
 def colin27_with_seeds():
-    volume = io.load_volume(real(datasets.colin27))
-    aal = io.load_label_volume(real(datasets.aal), volume)
+    volume = io.load_volume(datasets.colin27())
+    aal = io.load_label_volume(datasets.aal(), volume)
     seeds = np.where(np.isin(aal, [71, 73, 77]), aal, 0)  # left caudate, putamen, thalamus
     return volume, seeds, prompts.prompts_from_seed_labels(volume, seeds)
 
@@ -50,7 +44,7 @@ def test_montage_png_shows_anatomy_contours_and_legend(tmp_path, colin27_with_se
 def test_montage_of_a_point_prompt_on_the_ct(tmp_path):
     from medsam2_jax.volumes import intensity
 
-    ct = io.load_volume(real(datasets.invesalius_ct))
+    ct = io.load_volume(datasets.invesalius_ct())
     bone = (ct.array > 300).astype(np.int32)
     point = prompts.build_prompts(ct, [{"id": 1, "points": [[128, 128, 60]], "point_labels": [1]}], space="canonical")
     path = montage.write_montage(ct, bone, tmp_path / "ct.png", prompts=point,

@@ -16,12 +16,6 @@ from medsam2_jax.volumes.output import OutputError
 CHANGED_FOR_LABELS = {"datatype", "bitpix", "scl_slope", "scl_inter", "intent_code", "cal_min", "cal_max"}
 
 
-def real(dataset_function):
-    try:
-        return dataset_function()
-    except datasets.DatasetMissingError as error:
-        pytest.skip(f"needs the offline data of scripts/install_data.sh: {error}")
-
 
 def assert_same_header(written, source, except_fields=CHANGED_FOR_LABELS):
     for field in written.keys():
@@ -43,7 +37,7 @@ def draw_in_file_voxels(shape):
 
 @pytest.mark.parametrize("name", ["itk_t1_lsa", "colin27", "nibabel_anatomical", "invesalius_ct"])
 def test_label_round_trip_on_real_volumes(tmp_path, name):
-    source_path = real(getattr(datasets, name))
+    source_path = getattr(datasets, name)()
     volume = io.load_volume(source_path)
     source = nib.load(source_path)
     drawn = draw_in_file_voxels(source.shape)
@@ -70,7 +64,7 @@ def test_label_round_trip_on_real_volumes(tmp_path, name):
 def test_prompt_voxel_comes_back_labelled_in_the_file(tmp_path):
     """A point prompted in file voxel indices on the LSA T1, labelled on the canonical grid at the
     prompt's slice pixel, is written back at exactly that file voxel."""
-    volume = io.load_volume(real(datasets.itk_t1_lsa))
+    volume = io.load_volume(datasets.itk_t1_lsa())
     file_voxel = (40, 30, 50)
     prompt = prompts.build_prompts(volume, [{"id": 9, "points": [file_voxel]}]).prompts[0]
     x, y = np.rint(prompt.points[0]).astype(int)
@@ -81,7 +75,7 @@ def test_prompt_voxel_comes_back_labelled_in_the_file(tmp_path):
 
 
 def test_4d_input_with_one_volume_gets_its_shape_back(tmp_path):
-    source = nib.load(real(datasets.nibabel_anatomical))
+    source = nib.load(datasets.nibabel_anatomical())
     path = tmp_path / "one_volume.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[..., None], source.affine), path)
     volume = io.load_volume(path)
@@ -90,7 +84,7 @@ def test_4d_input_with_one_volume_gets_its_shape_back(tmp_path):
 
 
 def test_segmentation_outputs_and_sidecar(tmp_path):
-    volume = io.load_volume(real(datasets.itk_t1_lsa))
+    volume = io.load_volume(datasets.itk_t1_lsa())
     volume_prompts = prompts.build_prompts(volume, [{"id": 1, "points": [[40, 30, 50]]}, {"id": 2, "points": [[60, 60, 40]]}])
     labels = np.zeros(volume.shape, np.int32)
     labels[20:40, 10:20, 30:40], labels[50:60, 30:40, 60:70] = 1, 2
@@ -115,7 +109,7 @@ def test_segmentation_outputs_and_sidecar(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_volume():
-    return io.load_volume(real(datasets.nibabel_anatomical))
+    return io.load_volume(datasets.nibabel_anatomical())
 
 
 def test_missing_output_folder(tmp_path, small_volume):

@@ -11,21 +11,15 @@ from medsam2_jax.volumes import io, prompts
 from medsam2_jax.volumes.prompts import PromptError
 
 
-def real(dataset_function):
-    try:
-        return dataset_function()
-    except datasets.DatasetMissingError as error:
-        pytest.skip(f"needs the offline data of scripts/install_data.sh: {error}")
-
 
 @pytest.fixture(scope="module")
 def itk_t1():
-    return io.load_volume(real(datasets.itk_t1_lsa))
+    return io.load_volume(datasets.itk_t1_lsa())
 
 
 @pytest.fixture(scope="module")
 def colin27():
-    return io.load_volume(real(datasets.colin27))
+    return io.load_volume(datasets.colin27())
 
 
 def only_prompt(volume_prompts):
@@ -89,7 +83,7 @@ def test_prompts_in_the_model_frame(colin27):
 
 
 def test_seed_labels_prompt_each_object_on_its_largest_slice(colin27):
-    aal = io.load_label_volume(real(datasets.aal), colin27)
+    aal = io.load_label_volume(datasets.aal(), colin27)
     seed = np.where(np.isin(aal, [37, 71, 77]), aal, 0)  # left hippocampus, caudate, thalamus
     result = prompts.prompts_from_seed_labels(colin27, seed, axis="axial")
     assert result.object_ids == (37, 71, 77)
