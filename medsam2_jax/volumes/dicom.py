@@ -117,7 +117,7 @@ def _check_one_series(datasets: list, folder: Path) -> None:
     series = {getattr(ds, "SeriesInstanceUID", None) for ds in datasets}
     if len(series) > 1:
         raise VolumeError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder")
-    shapes = {ds.pixel_array.shape for ds in datasets}
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(shapes) > 1:
         raise VolumeError(f"{folder}: slices of different sizes {sorted(shapes)}; the series is not one volume")
 

@@ -89,6 +89,7 @@ def load_volume(path: str | Path) -> Volume:
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
+        # Imported here: dicom.py builds on this module, and NIfTI users need no pydicom.
         from medsam2_jax.volumes import dicom
 
         return dicom.load_dicom_series(path)
@@ -219,8 +220,8 @@ def _read_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        if image.mode in ("P", "LA", "PA"):
-            image = image.convert("RGBA" if "A" in image.mode else "RGB")
+        if image.mode not in ("L", "RGB", "RGBA", "I", "I;16", "F"):
+            image = image.convert("RGB")  # palette, CMYK, YCbCr, ...: make them plain colour
         return np.asarray(image)
 
 
