@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "fused")
-KEY_CHUNK = 4096
+KEY_CHUNK = 1024
 
 
 def resolve_impl(impl: str) -> str:
