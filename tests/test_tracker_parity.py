@@ -135,3 +135,37 @@ FWD = ("propagate", {})
 @pytest.mark.parametrize("name", ["test", "test_sam2"])
 def test_one_click_frame0(name):
     compare(name, None, 20, [CLICK(0), FWD])
+
+
+BOX = lambda f, obj=1, box=(0.25, 0.3, 0.7, 0.75): ("points", dict(frame_idx=f, obj_id=obj, box=[v * S for v in box]))
+
+
+def MASK(f, obj=1, size=S):
+    m = np.zeros((size, size), bool)
+    m[size // 4: size // 2, size // 3: (3 * size) // 4] = True
+    return ("mask", dict(frame_idx=f, obj_id=obj, mask=m))
+
+
+def PROP(**kw):
+    return ("propagate", kw)
+
+
+CASES = {
+    "box_middle_forward_then_reverse": (20, [BOX(10), PROP(), PROP(reverse=True)]),
+    "clicks_on_two_frames": (20, [CLICK(0), CLICK(12, pts=((0.3, 0.4), (0.7, 0.6)), lab=(1, 0)), PROP()]),
+    "mask_prompt": (20, [MASK(3), PROP(), PROP(reverse=True)]),
+    "two_objects": (20, [CLICK(0, obj=1), BOX(5, obj=2), PROP(start_frame_idx=5), PROP(start_frame_idx=5, reverse=True)]),
+    "refinement_after_propagation": (20, [
+        CLICK(0), PROP(), CLICK(8, pts=((0.3, 0.3),), lab=(0,)),
+        ("points", dict(frame_idx=8, obj_id=1, points=[[0.6 * S, 0.6 * S]], labels=[1], clear_old_points=False)),
+        PROP(start_frame_idx=8, max_frame_num_to_track=6),
+        PROP(start_frame_idx=15, reverse=True, max_frame_num_to_track=4)]),
+    "short_video": (10, [CLICK(2), PROP(), PROP(reverse=True)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", ["test", "test_sam2"])
+def test_parity(name, case):
+    num_frames, ops = CASES[case]
+    compare(name, None, num_frames, ops)
