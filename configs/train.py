@@ -1,0 +1,127 @@
+"""Training configs: one file, many variants (`configs/train.py:VARIANT`, or `get_config("test")`).
+
+The recipe follows SAM 2's released fine-tuning config (`sam2.1_hiera_b+_MOSE_finetune.yaml`,
+sam2-architecture.md section 6): AdamW, cosine lr from `lr` to `lr * final_lr_ratio` (5e-6 -> 5e-7
+for the heads, 3e-6 -> 3e-7 for the image encoder), weight decay 0.1 except biases and norms,
+layer-wise lr decay 0.9 on the Hiera trunk with pos-embeds exempt, gradient clipping at norm 0.1,
+8 frames and up to 3 objects per clip, loss weights 20/1/1/1. We add a linear warmup (the
+official fine-tune has none) and leave embeddings out of weight decay by default.
+
+Variants:
+  sam2.1_tiny, sam2.1_small, sam2.1_base_plus, sam2.1_large, medsam2   fine-tuning recipes
+  test                                                                 tiny model, tiny clips, for tests
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from medsam2_jax.configs import model as model_configs
+
+# Regexes (re.search on the dotted parameter path). Norm weights are all leaves named `scale`;
+# learned embeddings and tokens are listed by name.
+NO_WEIGHT_DECAY = (
+    r"\.bias$",
+    r"(^|\.)scale$",
+    r"pos_embed",
+    r"(^|\.)maskmem_tpos_enc$",
+    r"(^|\.)no_[a-z_]+$",
+    r"(^|\.)not_a_point_embed$",
+    r"(^|\.)point_embeddings\.\d+$",
+    r"_tokens?$",
+)
+
+# Always frozen: the prompt encoder's random Fourier matrix is a registered *buffer* in SAM 2,
+# never trained; ours is a leaf only because our params hold every array.
+ALWAYS_FROZEN = (r"^sam_prompt_encoder\.pe_layer\.",)
+
+# Parameter sharding rules, first match wins: (regex on the dotted path, rule). A rule is
+# "replicate", "fsdp" (shard the largest axis divisible by the fsdp axis size, only for leaves
+# of at least `fsdp_min_size_mb`) or a tuple of mesh axis names / None per array axis.
+SHARDING_RULES = (
+    (r"pos_embed|maskmem_tpos_enc|(^|\.)no_[a-z_]+$", "replicate"),
+    (r".*", "fsdp"),
+)
+
+
+def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.model = "test" if variant == "test" else variant
+    c.model_config = model_configs.get_config(c.model)
+    c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
+    c.seed = 123
+
+    # Data (data.py).
+    c.data = ml_collections.ConfigDict()
+    c.data.manifest = ""  # JSONL or CSV of image/label NIfTI pairs
+    c.data.clip_length = 8  # T consecutive slices
+    c.data.objects_per_clip = 3  # N; clips with fewer objects are padded and masked
+    c.data.slice_axis = "random"  # 0, 1, 2 (canonical RAS voxel axes) or "random"
+    c.data.image_size = c.model_config.image_size
+    c.data.on_bad_record = "skip"  # "skip" (log a warning naming the file) or "raise"
+    c.data.num_epochs = -1  # -1 repeats forever
+    c.data.worker_count = 0  # grain multiprocessing workers; 0 reads in the training process
+    c.data.read_threads = 2  # threads reading records in each process
+    c.data.prefetch_buffer = 4  # records read ahead (each holds a whole volume while it is read)
+    c.data.augment = ml_collections.ConfigDict(
+        dict(
+            hflip_prob=0.5,
+            vflip_prob=0.0,
+            rotate_degrees=10.0,
+            scale_range=(0.9, 1.1),
+            translate_fraction=0.05,
+            brightness=0.1,  # additive, in [0, 1] intensity units
+            contrast=0.2,  # multiplicative about the clip mean: 1 +- contrast
+            gamma=0.2,  # exponent exp(U(-gamma, gamma))
+        )
+    )
+
+    # Optimisation (optimizer.py, losses.py).
+    c.batch_size = 8  # global, clips per step over all hosts
+    c.num_steps = 20_000
+    c.lr = 5e-6  # everything outside the image encoder
+    c.vision_lr = 3e-6  # image_encoder.*
+    c.final_lr_ratio = 0.1
+    c.warmup_steps = 500
+    c.weight_decay = 0.1
+    c.no_weight_decay = NO_WEIGHT_DECAY
+    c.layer_decay = 0.9
+    c.layer_decay_overrides = ((r"pos_embed", 1.0),)
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.clip_norm = 0.1
+    c.freeze = ()  # extra regexes, e.g. (r"^image_encoder\.",) to freeze the image encoder
+    c.always_frozen = ALWAYS_FROZEN
+    c.loss = ml_collections.ConfigDict(
+        dict(mask=20.0, dice=1.0, iou=1.0, object_score=1.0, focal_alpha=0.25, focal_gamma=2.0)
+    )
+
+    # Mesh and sharding (sharding.py). -1 takes all remaining devices.
+    c.mesh_shape = (-1, 1)  # (data, fsdp)
+    c.sharding_rules = SHARDING_RULES
+    c.fsdp_min_size_mb = 4.0
+
+    # Checkpoints (checkpointing.py).
+    c.checkpoint_every = 1000
+    c.checkpoint_keep = 3
+    c.async_checkpoints = True
+
+    if variant == "medsam2":
+        c.data.clip_length = 8
+    elif variant == "test":
+        c.data.clip_length = 3
+        c.data.objects_per_clip = 2
+        c.batch_size = 2
+        c.num_steps = 10
+        c.lr = 1e-3
+        c.vision_lr = 5e-4
+        c.warmup_steps = 2
+        c.clip_norm = 1.0
+        c.checkpoint_every = 2
+        c.checkpoint_keep = 2
+        c.fsdp_min_size_mb = 0.0
+    elif variant not in model_configs.VARIANTS:
+        raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
+    return c
