@@ -1,0 +1,199 @@
+"""grain input: manifests, clip sampling geometry, determinism, per-host shards, bad records."""
+
+import json
+import logging
+from pathlib import Path
+
+import grain
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsam2_jax.configs.train import get_config
+from medsam2_jax.training import data
+
+SHAPE = (20, 24, 24)  # axis 0 has square 24 x 24 slices
+AAL = Path("/usr/share/mricron/templates/aal.nii.gz")
+CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+
+
+def _write_pair(folder: Path, i: int, label_shape=SHAPE):
+    rng = np.random.default_rng(i)
+    image = rng.normal(100, 20, SHAPE).astype(np.float32)
+    labels = np.zeros(label_shape, np.int16)
+    labels[4:14, 5:12, 6:15] = 1
+    labels[8:18, 12:20, 3:10] = 7
+    nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"image{i}.nii.gz")
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), folder / f"label{i}.nii.gz")
+    return {"image": f"image{i}.nii.gz", "label": f"label{i}.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("volumes")
+    entries = [_write_pair(folder, i) for i in range(6)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    return folder
+
+
+def _config(manifest, **data_overrides):
+    c = get_config("test")
+    c.data.manifest = str(manifest)
+    c.data.image_size = 32
+    for k, v in data_overrides.items():
+        setattr(c.data, k, v)
+    return c
+
+
+def _batches(config, n, shard=grain.sharding.ShardOptions(0, 1), seed=None):
+    if seed is not None:
+        config.seed = seed
+    it = iter(data.dataset_from_config(config, batch_size=2, shard=shard))
+    return [next(it) for _ in range(n)], it
+
+
+def test_batch_layout(volumes):
+    (batch,), _ = _batches(_config(volumes / "train.jsonl"), 1)
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == np.float32
+    assert batch["masks"].shape == (2, 3, 2, 32, 32) and batch["masks"].dtype == np.uint8
+    # The anchor object is always there; a second one only if it shows in the first frame.
+    assert batch["object_valid"][:, 0].all() and set(batch["object_ids"][batch["object_valid"]]) <= {1, 7}
+    assert not batch["object_ids"][~batch["object_valid"]].any()
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def test_same_seed_same_batches_other_seed_differs(volumes):
+    first, _ = _batches(_config(volumes / "train.jsonl"), 4, seed=1)
+    again, _ = _batches(_config(volumes / "train.jsonl"), 4, seed=1)
+    other, _ = _batches(_config(volumes / "train.jsonl"), 4, seed=2)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_iterator_state_resumes_same_batches(volumes):
+    _, it = _batches(_config(volumes / "train.jsonl"), 2)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    fresh = iter(data.dataset_from_config(_config(volumes / "train.jsonl"), batch_size=2,
+                                          shard=grain.sharding.ShardOptions(0, 1)))
+    fresh.set_state(state)
+    for a in expected:
+        np.testing.assert_array_equal(a["image"], next(fresh)["image"])
+
+
+def test_hosts_read_disjoint_entries(volumes):
+    entries = data.read_manifest(volumes / "train.jsonl")
+    shards = [data.shard_entries(entries, grain.sharding.ShardOptions(i, 2, drop_remainder=True)) for i in range(2)]
+    indices = [{e.index for e in s} for s in shards]
+    assert not indices[0] & indices[1] and indices[0] | indices[1] == set(range(6))
+    config = _config(volumes / "train.jsonl")
+    for i in range(2):
+        batches, _ = _batches(config, 4, shard=grain.sharding.ShardOptions(i, 2, drop_remainder=True))
+        seen = {int(e) for b in batches for e in b["entry"]}
+        assert seen <= indices[i]
+
+
+def test_csv_manifest(volumes, tmp_path):
+    lines = ["image,label,axis,objects"] + [f"{volumes}/image{i}.nii.gz,{volumes}/label{i}.nii.gz,axial,7" for i in range(2)]
+    (tmp_path / "m.csv").write_text("\n".join(lines))
+    entries = data.read_manifest(tmp_path / "m.csv")
+    assert [(e.axis, e.objects) for e in entries] == [(2, (7,)), (2, (7,))]
+    (batch,), _ = _batches(_config(tmp_path / "m.csv"), 1)
+    assert (batch["axis"] == 2).all() and set(batch["object_ids"][:, 0]) == {7}
+    assert not batch["object_valid"][:, 1].any() and not batch["masks"][:, :, 1].any()
+
+
+def test_clip_geometry_without_and_with_flip():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(size=SHAPE).astype(np.float32)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[5:12, 2:9, 10:20] = 3
+    cfg = data.ClipConfig(clip_length=4, objects_per_clip=2, image_size=24, slice_axis=0).without_augmentation()
+    clip = data.sample_clip(image, labels, np.random.default_rng(1), cfg)
+    start = int(clip["start"])
+    assert 5 <= start <= 11  # the object is in the first frame
+    np.testing.assert_allclose(clip["image"], image[start:start + 4], atol=1e-6)
+    np.testing.assert_array_equal(clip["masks"][:, 0], labels[start:start + 4] == 3)
+    assert clip["masks"][0, 0].any() and list(clip["object_valid"]) == [True, False]
+
+    flipped = data.sample_clip(image, labels, np.random.default_rng(1), cfg.__class__(
+        **{**cfg.__dict__, "hflip_prob": 1.0}))
+    assert int(flipped["start"]) == start
+    np.testing.assert_allclose(flipped["image"], image[start:start + 4, :, ::-1], atol=1e-6)
+
+
+def test_augmented_clip_keeps_labels_with_image():
+    rng = np.random.default_rng(0)
+    image = np.zeros(SHAPE, np.float32)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[:, 6:18, 8:14] = 2
+    image[labels == 2] = 1.0  # the object is the bright region
+    cfg = data.ClipConfig(clip_length=3, objects_per_clip=1, image_size=48, slice_axis=0, brightness=0, contrast=0,
+                          gamma=0, rotate_degrees=20, hflip_prob=0.5, vflip_prob=0.5)
+    for seed in range(5):
+        clip = data.sample_clip(image, labels, np.random.default_rng(seed), cfg)
+        inside = clip["image"][clip["masks"][:, 0] == 1]
+        outside = clip["image"][clip["masks"][:, 0] == 0]
+        assert inside.mean() > 0.8 and outside.mean() < 0.1
+
+
+def test_garbage_line_raises_naming_line(volumes, tmp_path):
+    good = (volumes / "train.jsonl").read_text().splitlines()
+    (tmp_path / "m.jsonl").write_text("\n".join([good[0], "{not json", json.dumps({"image": "x.nii.gz"})]))
+    with pytest.raises(data.DataError, match=r"m\.jsonl:2: not valid JSON"):
+        data.read_manifest(tmp_path / "m.jsonl", "raise")
+
+
+def test_garbage_lines_skipped_with_warning(volumes, tmp_path, caplog):
+    good = (volumes / "train.jsonl").read_text().splitlines()
+    (tmp_path / "m.jsonl").write_text("\n".join([good[0], "{not json", json.dumps({"image": "x.nii.gz"})]))
+    with caplog.at_level(logging.WARNING):
+        entries = data.read_manifest(tmp_path / "m.jsonl", "skip")
+    assert len(entries) == 1
+    assert "m.jsonl:2" in caplog.text and "m.jsonl:3: missing label" in caplog.text
+
+
+def _bad_manifest(volumes, tmp_path):
+    """Two good entries, a missing file and a label on another grid."""
+    _write_pair(tmp_path, 99, label_shape=(20, 24, 23))
+    lines = [json.dumps({"image": str(volumes / f"image{i}.nii.gz"), "label": str(volumes / f"label{i}.nii.gz")})
+             for i in range(2)]
+    lines.append(json.dumps({"image": "missing.nii.gz", "label": "label99.nii.gz"}))
+    lines.append(json.dumps({"image": "image99.nii.gz", "label": "label99.nii.gz"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    return tmp_path / "m.jsonl"
+
+
+def test_bad_files_raise_naming_the_file(volumes, tmp_path):
+    manifest = _bad_manifest(volumes, tmp_path)
+    sampler = data.ClipSampler(data.ClipConfig(clip_length=3, objects_per_clip=2, image_size=16), "raise")
+    entries = data.read_manifest(manifest, "raise")
+    with pytest.raises(data.DataError, match=r"missing\.nii\.gz: no such file"):
+        sampler.random_map(entries[2], np.random.default_rng(0))
+    with pytest.raises(data.DataError, match=r"label99\.nii\.gz: label grid \(20, 24, 23\) does not match"):
+        sampler.random_map(entries[3], np.random.default_rng(0))
+    # Through the grain pipeline the job stops with the same message.
+    with pytest.raises(Exception, match=r"missing\.nii\.gz|label99\.nii\.gz"):
+        _batches(_config(manifest, on_bad_record="raise"), 4)
+
+
+def test_bad_files_skipped_with_warning(volumes, tmp_path, caplog):
+    manifest = _bad_manifest(volumes, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        batches, _ = _batches(_config(manifest, on_bad_record="skip"), 4)
+    assert {int(e) for b in batches for e in b["entry"]} <= {0, 1}
+    assert "missing.nii.gz" in caplog.text and "label99.nii.gz" in caplog.text
+
+
+@pytest.mark.skipif(not (AAL.exists() and CH2.exists()), reason="mricron-data not installed")
+def test_real_colin27_with_aal(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": str(CH2), "label": str(AAL), "objects": [37, 38, 71, 72],
+                                                  "axis": "axial"}))
+    config = _config(tmp_path / "m.jsonl", clip_length=4, objects_per_clip=3)
+    (batch,), _ = _batches(config, 1)
+    assert batch["image"].shape == (2, 4, 32, 32)
+    ids = batch["object_ids"][batch["object_valid"]]
+    assert set(ids) <= {37, 38, 71, 72}
+    assert batch["masks"][:, 0, 0].reshape(2, -1).any(-1).all()  # the anchor shows in frame 0
