@@ -11,6 +11,7 @@ import pytest
 from medsam2_jax.training import losses
 
 W_MASK, W_DICE, W_IOU, W_CLASS = 20.0, 1.0, 1.0, 1.0
+sam2_loss = jax.jit(losses.sam2_loss)
 
 
 def _sigmoid(x):
@@ -71,7 +72,7 @@ def _inputs(num_masks, seed=0, frames=3, objects=4, size=32):
 @pytest.mark.parametrize("num_masks", [1, 3])
 def test_matches_numpy_reference(num_masks):
     masks, ious, scores, gt, valid = _inputs(num_masks)
-    ours = jax.jit(losses.sam2_loss)(masks, ious, scores, gt, valid)
+    ours = sam2_loss(masks, ious, scores, gt, valid)
     ref = reference_loss(masks, ious, scores, gt, valid)
     for key, value in ref.items():
         np.testing.assert_allclose(float(ours[key]), value, rtol=1e-5, err_msg=key)
@@ -80,8 +81,8 @@ def test_matches_numpy_reference(num_masks):
 def test_padded_objects_change_nothing():
     masks, ious, scores, gt, valid = _inputs(3)
     keep = np.flatnonzero(valid)
-    full = losses.sam2_loss(masks, ious, scores, gt, valid)
-    trimmed = losses.sam2_loss(masks[:, keep], ious[:, keep], scores[:, keep], gt[:, keep])
+    full = sam2_loss(masks, ious, scores, gt, valid)
+    trimmed = sam2_loss(masks[:, keep], ious[:, keep], scores[:, keep], gt[:, keep])
     for key in full:
         np.testing.assert_allclose(float(full[key]), float(trimmed[key]), rtol=1e-6, err_msg=key)
 
@@ -89,7 +90,7 @@ def test_padded_objects_change_nothing():
 def test_absent_object_has_only_class_loss():
     masks, ious, scores, gt, _ = _inputs(3, objects=1)
     gt[:] = 0
-    out = losses.sam2_loss(masks, ious, scores, gt)
+    out = sam2_loss(masks, ious, scores, gt)
     assert float(out["loss_mask"]) == float(out["loss_dice"]) == float(out["loss_iou"]) == 0.0
     assert float(out["loss_class"]) > 0
 

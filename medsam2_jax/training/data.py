@@ -338,12 +338,13 @@ def shard_entries(entries: Sequence[Entry], shard: grain.sharding.ShardOptions) 
 def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed: int,
                  shard: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
     """The per-host IterDataset of batches (`batch_size` = this host's clips per step)."""
-    if shard is None:
-        import jax
-
-        shard = grain.sharding.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True)
+    if shard is None:  # ShardOptions(jax.process_index(), jax.process_count())
+        shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     num_epochs = data_config.num_epochs
-    ds = grain.MapDataset.source(shard_entries(entries, shard)).seed(seed)
+    # One seed per host: with the plain seed, record k of every host would draw the same anchor
+    # choice, flips and jitter.
+    host_seed = int(np.random.SeedSequence([seed, shard.shard_index]).generate_state(1)[0])
+    ds = grain.MapDataset.source(shard_entries(entries, shard)).seed(host_seed)
     ds = ds.shuffle().repeat(None if num_epochs < 0 else num_epochs)
     ds = ds.random_map(ClipSampler(ClipConfig.from_config(data_config), data_config.on_bad_record))
     # Bounded read-ahead: grain's default (hundreds of records) would hold that many volumes.
@@ -356,9 +357,9 @@ def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed
 
 def dataset_from_config(config, *, batch_size: int | None = None, shard=None) -> grain.IterDataset:
     """`config` from configs/train.py; `batch_size` defaults to this host's share of the global one."""
-    import jax
+    from medsam2_jax.training.sharding import local_batch_size
 
     entries = read_manifest(config.data.manifest, config.data.on_bad_record)
     if batch_size is None:
-        batch_size = config.batch_size // jax.process_count()
+        batch_size = local_batch_size(config.batch_size)
     return make_dataset(entries, config.data, batch_size=batch_size, seed=config.seed, shard=shard)

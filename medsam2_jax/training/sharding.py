@@ -147,5 +147,5 @@ def local_batch_size(global_batch_size: int, mesh=None) -> int:
     """Clips this host reads per step; the global batch must split evenly over hosts and devices."""
     devices = mesh.size if mesh is not None else jax.device_count()
     if global_batch_size % devices:
-        raise ValueError(f"batch_size {global_batch_size} does not split over {devices} devices")
+        raise ValueError(f"batch_size {global_batch_size} does not split over {devices} devices; make it a multiple")
     return global_batch_size // jax.process_count()
