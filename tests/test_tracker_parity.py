@@ -169,3 +169,20 @@ CASES = {
 def test_parity(name, case):
     num_frames, ops = CASES[case]
     compare(name, None, num_frames, ops)
+
+
+def _ops_at(size):
+    """Two objects (a click, a box on a middle frame), forward then reverse, at any size."""
+    return [("points", dict(frame_idx=0, obj_id=1, points=[[0.5 * size, 0.5 * size]], labels=[1])),
+            ("points", dict(frame_idx=10, obj_id=2, box=[0.2 * size, 0.3 * size, 0.6 * size, 0.7 * size])),
+            PROP(start_frame_idx=10), PROP(start_frame_idx=10, reverse=True)]
+
+
+def test_parity_512px():
+    compare("test", 512, 20, _ops_at(512))
+
+
+@pytest.mark.slow
+def test_parity_1024px_sam21_tiny():
+    compare("sam2.1_tiny", None, 20, [("points", dict(frame_idx=0, obj_id=1, points=[[512, 512]], labels=[1])),
+                                      PROP()])
