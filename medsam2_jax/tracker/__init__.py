@@ -12,11 +12,12 @@ and `VideoPredictor`, a stateful wrapper with the official `SAM2VideoPredictor` 
 from medsam2_jax.tracker.config import get_tracker_config
 from medsam2_jax.tracker.predictor import VideoPredictor
 from medsam2_jax.tracker.prompts import Prompt, make_prompt
-from medsam2_jax.tracker.propagate import add_prompt, iter_propagate, propagate
+from medsam2_jax.tracker.propagate import add_prompt, iter_propagate
 from medsam2_jax.tracker.state import TrackerState, init_state, stack_states
-from medsam2_jax.tracker.step import step
+
+# `propagate.propagate` and `step.step` are not re-exported: they would shadow their modules.
 
 __all__ = [
     "Prompt", "TrackerState", "VideoPredictor", "add_prompt", "get_tracker_config", "init_state",
-    "iter_propagate", "make_prompt", "propagate", "stack_states", "step",
+    "iter_propagate", "make_prompt", "stack_states",
 ]
