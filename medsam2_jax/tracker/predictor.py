@@ -67,12 +67,14 @@ class VideoPredictor:
     # ------------------------------------------------------------------------------------------
     # Session state
 
-    def init_state(self, video, normalized: bool = False):
+    def init_state(self, video, normalized: bool = False, video_hw: tuple[int, int] | None = None):
         """`video`: a folder of JPEG frames, or an array (T, H, W, 3) in [0, 1] (uint8: [0, 255]).
 
         Arrays not at the model resolution are resized with bilinear antialiasing (the official
         JPEG loader uses PIL bicubic: pass a folder for bit-faithful inputs). `normalized=True`
-        takes (T, S, S, 3) frames already ImageNet-normalised at the model resolution.
+        takes (T, S, S, 3) frames already ImageNet-normalised at the model resolution; then
+        `video_hw` names the original frame size that prompts refer to and masks come back at
+        (default: the model resolution).
         """
         s = self.image_size
         if isinstance(video, (str, os.PathLike)):
@@ -88,6 +90,8 @@ class VideoPredictor:
             mean = np.asarray(self.config.pixel_mean, np.float32)
             std = np.asarray(self.config.pixel_std, np.float32)
             frames = (frames.astype(np.float32) - mean) / std
+        if video_hw is not None:
+            h, w = video_hw
         st = {
             "images": np.ascontiguousarray(frames, np.float32),
             "num_frames": len(frames),
@@ -105,6 +109,12 @@ class VideoPredictor:
         }
         self._get_image_feature(st, 0)
         return st
+
+    def object_scores(self, inference_state, obj_id) -> dict[int, float]:
+        """{frame index: object-score logit} of every frame this object has an output on."""
+        obj_idx = inference_state["obj_id_to_idx"][obj_id]
+        out = inference_state["output_dict_per_obj"][obj_idx]
+        return {t: float(np.ravel(o["object_score_logits"])[0]) for d in (out[NON_COND], out[COND]) for t, o in d.items()}
 
     def reset_state(self, inference_state):
         """Remove all objects, inputs and outputs."""
