@@ -1,5 +1,7 @@
 """`medsam2-jax` command line.
 
+    medsam2-jax demo                                               segment a real volume end to end
+    medsam2-jax segment CT.nii.gz --box 80,90,140,150@45 --out seg.nii.gz [--checkpoint DIR]
     medsam2-jax convert IN.pt OUT_DIR --config sam2.1_tiny        official checkpoint -> ours
     medsam2-jax convert OUT_DIR OUT.pt --config sam2.1_tiny --to-torch
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
 
 EXIT_USER_ERROR = 2
 
@@ -56,6 +60,193 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# segment / demo
+
+
+def _model(args):
+    """(params, config, checkpoint description) from --checkpoint or the shipped weights."""
+    import jax
+
+    from medsam2_jax.convert.checkpoint import load_params
+    from medsam2_jax import weights
+
+    if args.checkpoint:
+        config = _config(args.config or "medsam2")
+        return load_params(args.checkpoint, config), config, str(args.checkpoint)
+    shipped = weights.default_checkpoint()
+    if shipped is not None:
+        config = _config(args.config or shipped.config)
+        if config.name != shipped.config:
+            raise UserError(f"the shipped weights are for config {shipped.config}; pass --checkpoint for {config.name}")
+        return load_params(shipped.path, config), config, f"shipped:{shipped.name}"
+    from medsam2_jax.model.sam2 import init_params
+
+    config = _config(args.config or "test")
+    print("warning: no trained weights ship with this version and no --checkpoint was given: "
+          "running UNTRAINED random weights, so the masks mean nothing", file=sys.stderr)
+    return init_params(jax.random.PRNGKey(0), config), config, "untrained-random-init"
+
+
+def _parse_at(text: str, what: str, n: int) -> tuple[list[float], float]:
+    """'X0,Y0,X1,Y1@Z' -> ([X0, Y0, X1, Y1], Z)."""
+    try:
+        coords, z = text.split("@")
+        values = [float(v) for v in coords.split(",")]
+        if len(values) != n:
+            raise ValueError
+        return values, float(z)
+    except ValueError:
+        example = "X0,Y0,X1,Y1@Z" if n == 4 else "X,Y@Z"
+        raise UserError(f"cannot read {what} {text!r}; expected {example}") from None
+
+
+def _prompts(args, volume):
+    from medsam2_jax.volumes import prompts as P
+
+    sources = [bool(args.box or args.point or args.neg_point), bool(args.prompts), bool(args.seed)]
+    if sum(sources) != 1:
+        raise UserError("give the prompt one way: --box/--point, --prompts FILE.json, or --seed LABELS.nii.gz")
+    if args.prompts:
+        return P.load_prompt_file(args.prompts, volume)
+    if args.seed:
+        from medsam2_jax.volumes.io import load_label_volume
+
+        seed = load_label_volume(args.seed, volume)
+        return P.prompts_from_seed_labels(volume, seed, axis=args.axis or "axial", prompt_with=args.seed_prompt)
+    objects = []
+    for i, text in enumerate(args.box or []):
+        (x0, y0, x1, y1), z = _parse_at(text, "--box", 4)
+        objects.append({"id": i + 1, "boxes": [[[x0, y0, z], [x1, y1, z]]]})
+    clicks = [(_parse_at(t, "--point", 2), 1) for t in args.point or []]
+    clicks += [(_parse_at(t, "--neg-point", 2), 0) for t in args.neg_point or []]
+    if clicks:
+        if not objects:
+            objects.append({"id": 1})
+        objects[0]["points"] = [[x, y, z] for ((x, y), z), _ in clicks]
+        objects[0]["point_labels"] = [label for _, label in clicks]
+    # Without --axis, Z is the file's third voxel axis, whatever its anatomical direction.
+    axis = args.axis if args.axis else P.canonical_axis_of_file_axis(volume, 2)
+    return P.build_prompts(volume, objects, space=args.space, axis=axis)
+
+
+def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
+    from medsam2_jax.tracker.config import get_tracker_config
+    from medsam2_jax.tracker.predictor import VideoPredictor
+    from medsam2_jax.volumes.segment import segment_volume
+
+    tracker_config = get_tracker_config(memory_policy=args.policy)
+    predictor = VideoPredictor(params, config, tracker_config)
+    total = 2 * prompts.num_slices
+    bar = _progress_bar(total, "slices")
+    try:
+        return segment_volume(volume, prompts, predictor, window=args.window, level=args.level, width=args.width,
+                              largest_component=args.largest_component, progress=bar.update)
+    finally:
+        bar.close()
+
+
+def _progress_bar(total: int, unit: str):
+    """A tqdm bar on a terminal; silent when stderr is not one (CI logs, pipes)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
+        class _Silent:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+
+        return _Silent()
+    return tqdm(total=total, unit=unit, dynamic_ncols=True)
+
+
+def _write_outputs(volume, prompts, result, out: Path, config, checkpoint: str, args):
+    from medsam2_jax.volumes.montage import write_montage
+    from medsam2_jax.volumes.output import write_segmentation
+
+    paths = write_segmentation(volume, result.labels, out, prompts=prompts, config_name=config.name,
+                               checkpoint_hash=checkpoint, slice_object_scores=result.slice_scores,
+                               probabilities=np.moveaxis(result.probabilities, 0, -1) if args.probabilities else None)
+    if not args.no_montage:
+        paths["montage"] = write_montage(volume, result.labels, _montage_path(out), prompts=prompts,
+                                         title=f"{Path(volume.source_path).name}: {config.name}, {checkpoint}")
+    return paths
+
+
+def _montage_path(out: Path) -> Path:
+    name = out.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return out.with_name(name + "_montage.png")
+
+
+def cmd_segment(args) -> int:
+    from medsam2_jax.volumes.io import load_volume
+    from medsam2_jax.volumes.output import check_output_folder
+
+    out = Path(args.out)
+    check_output_folder(out)  # before the slow part: an unwritable folder fails at once
+    volume = load_volume(args.input)
+    prompts = _prompts(args, volume)
+    params, config, checkpoint = _model(args)
+    result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
+    paths = _write_outputs(volume, prompts, result, out, config, checkpoint, args)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+DEMO_STRUCTURE = (77, "left thalamus")  # an AAL region of Colin27
+
+
+def cmd_demo(args) -> int:
+    """Colin27 T1 + one box on the central slice of an AAL structure -> labels, montage, report."""
+    import time
+
+    from medsam2_jax import datasets
+    from medsam2_jax.volumes.io import load_label_volume, load_volume
+    from medsam2_jax.volumes.prompts import build_prompts
+    from medsam2_jax.volumes.output import atomic_path
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volume = load_volume(datasets.colin27())
+    atlas = load_label_volume(datasets.aal(), volume)
+    label, name = DEMO_STRUCTURE
+    target = atlas == label
+    z = int(np.argmax(target.sum(axis=(0, 1))))  # the structure's largest axial slice
+    ys, xs = np.nonzero(target[:, :, z].T)  # rows are canonical axis 1, columns axis 0
+    box = [[int(xs.min()), int(ys.min()), z], [int(xs.max()), int(ys.max()), z]]
+    prompts = build_prompts(volume, [{"id": 1, "name": name, "boxes": [box]}], space="canonical", axis="axial")
+    params, config, checkpoint = _model(args)
+    t0 = time.perf_counter()
+    result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
+    seconds = time.perf_counter() - t0
+    paths = _write_outputs(volume, prompts, result, out_dir / "demo_labels.nii.gz", config, checkpoint, args)
+    pred = result.labels == 1
+    dice = 2 * (pred & target).sum() / max(pred.sum() + target.sum(), 1)
+    report = "\n".join([
+        "# medsam2-jax demo",
+        f"volume: Colin27 T1 ({'x'.join(map(str, volume.shape))}), structure: AAL {label} ({name})",
+        f"prompt: one box on axial slice {z}, propagated forward and backward",
+        f"model: {config.name} at {config.image_size} px, weights: {checkpoint}",
+        f"Dice against the AAL label: {dice:.3f}",
+        f"segmentation time: {seconds:.1f} s for {volume.shape[2]} slices x 2 passes",
+        *(f"{k}: {v}" for k, v in paths.items()),
+    ]) + "\n"
+    report_path = out_dir / "demo_report.md"
+    with atomic_path(report_path) as tmp:
+        Path(tmp).write_text(report)
+    print(report, end="")
+    print(f"report: {report_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsam2-jax", description="MedSAM-2 / SAM 2 in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,16 +265,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-torch", action="store_true", help="convert our checkpoint back to PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (--to-torch)")
     p.set_defaults(func=cmd_convert)
+
+    def model_options(q):
+        q.add_argument("--checkpoint", help="our converted checkpoint folder (medsam2-jax convert); "
+                       "default: the weights that ship with the package")
+        q.add_argument("--config", default=None, help="model variant (default: the checkpoint's, medsam2 for --checkpoint)")
+        q.add_argument("--policy", default="fifo", help="memory policy (default: fifo, SAM 2's)")
+        q.add_argument("--window", help="CT window by name: abdomen, lung, bone, brain, soft_tissue")
+        q.add_argument("--level", type=float, help="CT window level in HU (with --width)")
+        q.add_argument("--width", type=float, help="CT window width in HU (with --level)")
+        q.add_argument("--largest-component", action="store_true", help="keep each object's largest 3D component")
+        q.add_argument("--probabilities", action="store_true", help="also write per-object probabilities")
+        q.add_argument("--no-montage", action="store_true", help="skip the overlay montage PNG")
+
+    q = sub.add_parser(
+        "segment",
+        help="segment a 3D volume (NIfTI or DICOM folder) from prompts on one or more slices",
+        description="Propagate prompts through a volume forward and backward along the slice axis and write "
+        "a label NIfTI on the input's grid, a JSON sidecar, and an overlay montage PNG. Coordinates are "
+        "voxel indices of the input file (--space world for millimetres); Z is the file's third axis.",
+    )
+    q.add_argument("input", help="a .nii/.nii.gz file or a DICOM series folder")
+    q.add_argument("--out", required=True, help="output label file (.nii.gz)")
+    q.add_argument("--box", action="append", metavar="X0,Y0,X1,Y1@Z", help="a box on slice Z; each --box is one object")
+    q.add_argument("--point", action="append", metavar="X,Y@Z", help="a foreground click (object 1)")
+    q.add_argument("--neg-point", action="append", metavar="X,Y@Z", help="a background click (object 1)")
+    q.add_argument("--prompts", help="a JSON prompt file for many objects (see medsam2_jax/volumes/prompts.py)")
+    q.add_argument("--seed", help="a seed label volume: every label value is an object")
+    q.add_argument("--seed-prompt", choices=("box", "mask"), default="box",
+                   help="prompt seed objects on their largest slice with a box or their mask")
+    q.add_argument("--space", choices=("voxel", "canonical", "world", "world_lps"), default="voxel")
+    q.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slice axis (default: the file's third axis)")
+    model_options(q)
+    q.set_defaults(func=cmd_segment)
+
+    d = sub.add_parser("demo", help="segment a real brain MRI (Colin27) from one box, end to end",
+                       description="Runs the whole 3D pipeline on the Colin27 T1 (installed by scripts/install_data.sh): "
+                       "one box on the left thalamus, forward and backward propagation, label NIfTI, montage, report.")
+    d.add_argument("--out-dir", default="medsam2_demo", help="where to write the outputs (default: ./medsam2_demo)")
+    model_options(d)
+    d.set_defaults(func=cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[BaseException], ...]:
     from medsam2_jax.convert.checkpoint import CheckpointError
+    from medsam2_jax.datasets import DatasetMissingError, DatasetChecksumError
+    from medsam2_jax.volumes.io import VolumeError
+    from medsam2_jax.volumes.output import OutputError
+    from medsam2_jax.volumes.prompts import PromptError
 
+    return (UserError, CheckpointError, VolumeError, PromptError, OutputError, DatasetMissingError,
+            DatasetChecksumError)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    USER_ERRORS = _user_errors()
     try:
         return args.func(args)
-    except (UserError, CheckpointError) as e:
+    except USER_ERRORS as e:
         print(f"medsam2-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -40,6 +40,12 @@ def check_output_folder(path: str | Path) -> Path:
         raise OutputError(f"{path}: the output folder {folder} does not exist or is not a folder; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: the output folder {folder} is not writable; choose another folder")
+    try:  # root passes os.access everywhere; a real file tells (read-only mounts, /proc)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.probe.")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write in {folder} ({error.strerror}); choose another folder") from None
     return path
 
 

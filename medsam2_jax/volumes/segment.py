@@ -1,0 +1,128 @@
+"""3D segmentation from prompted slices (memory-bank.md section 6).
+
+Slices along the prompts' axis are the frames of a video. Every object is tracked forward from
+its first prompted slice and backward from its last one; on each slice the pass that came from
+the nearer prompt wins (a prompted slice keeps its own output). Objects are then written into
+one label volume: a voxel goes to the object with the highest positive logit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+from scipy.special import expit, logit
+
+from medsam2_jax.volumes import intensity
+from medsam2_jax.volumes.io import Volume
+from medsam2_jax.volumes.prompts import VolumePrompts
+
+
+@dataclasses.dataclass
+class Segmentation:
+    labels: np.ndarray  # (X, Y, Z) int32 on the canonical grid; 0 is background
+    probabilities: np.ndarray  # (objects, X, Y, Z) float32, in `object_ids` order
+    object_ids: list[int]
+    slice_scores: dict[int, list[float]]  # per object, the object-score logit of every slice
+
+
+def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window: str | None = None,
+                   level: float | None = None, width: float | None = None, largest_component: bool = False,
+                   progress: Callable[[int], None] | None = None) -> Segmentation:
+    """Propagate every object of `prompts` through `volume` with a `VideoPredictor`.
+
+    `progress(n)` is called with the number of slices just finished (for a progress bar).
+    """
+    axis = prompts.axis
+    unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
+    frames = intensity.slices_to_model_input(unit, axis, predictor.image_size)
+    state = predictor.init_state(frames, normalized=True, video_hw=prompts.slice_shape)
+    for p in prompts.prompts:
+        if p.mask is not None:
+            predictor.add_new_mask(state, p.slice_index, p.object_id, p.mask)
+        else:
+            predictor.add_new_points_or_box(state, p.slice_index, p.object_id, points=p.points,
+                                            labels=p.point_labels, box=p.box)
+
+    object_ids = list(prompts.object_ids)
+    n, (h, w) = prompts.num_slices, prompts.slice_shape
+    passes = {}
+    for reverse in (False, True):
+        logits = np.full((n, len(object_ids), h, w), np.nan, np.float32)
+        slices = [p.slice_index for p in prompts.prompts]
+        start = max(slices) if reverse else min(slices)
+        for frame_idx, ids, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
+            logits[frame_idx] = _reorder(masks[:, 0], list(ids), object_ids)
+            if progress is not None:
+                progress(1)
+        passes[reverse] = logits
+
+    merged = _merge_passes(passes[False], passes[True], prompts, object_ids)
+    scores = _slice_scores(predictor, state, object_ids, n)
+    probabilities = expit(merged)  # (n, objects, h, w)
+    labels = _labels(merged, object_ids)
+    if largest_component:
+        labels = _largest_components(labels, object_ids)
+    # Frames are slices along `axis`: put the slice axis back in its canonical place.
+    labels = np.moveaxis(labels, 0, axis)
+    probabilities = np.moveaxis(np.moveaxis(probabilities, 1, 0), 1, axis + 1)
+    return Segmentation(labels.astype(np.int32), probabilities.astype(np.float32), object_ids, scores)
+
+
+def _reorder(masks, ids, object_ids):
+    return np.stack([masks[ids.index(o)] for o in object_ids])
+
+
+def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids):
+    """Per object and slice, the logits of the pass that started from the nearer prompt.
+
+    The forward pass covers every slice at or after an object's first prompt and the backward
+    pass every slice at or before its last, so the chosen pass always reached the slice.
+    """
+    n = forward.shape[0]
+    z = np.arange(n)[:, None]
+    merged = np.empty_like(forward)
+    for j, obj in enumerate(object_ids):
+        prompted = np.asarray(sorted(prompts.prompted_slices(obj)))[None, :]
+        d_fwd = np.where(prompted <= z, z - prompted, np.inf).min(axis=1)
+        d_bwd = np.where(prompted >= z, prompted - z, np.inf).min(axis=1)
+        pick = lambda cond: cond[:, None, None]
+        fwd, bwd = forward[:, j], backward[:, j]
+        tie = np.where(np.isfinite(d_fwd)[:, None, None], _mean_prob_logit(np.nan_to_num(fwd), np.nan_to_num(bwd)), 0)
+        merged[:, j] = np.where(pick(d_fwd < d_bwd), fwd, np.where(pick(d_bwd < d_fwd), bwd, tie))
+    return merged
+
+
+def _mean_prob_logit(a, b):
+    """The logit of the mean of two probabilities (equal distance to two prompts)."""
+    p = np.clip(0.5 * (expit(a) + expit(b)), 1e-7, 1 - 1e-7)
+    return logit(p).astype(np.float32)
+
+
+def _labels(merged, object_ids):
+    """(n, objects, h, w) logits -> (n, h, w) ids: the highest positive logit wins a voxel."""
+    best = np.argmax(merged, axis=1)
+    positive = np.take_along_axis(merged, best[:, None], axis=1)[:, 0] > 0
+    ids = np.asarray(object_ids, np.int32)[best]
+    return np.where(positive, ids, 0)
+
+
+def _largest_components(labels, object_ids):
+    from scipy import ndimage
+
+    out = np.zeros_like(labels)
+    for obj in object_ids:
+        comp, count = ndimage.label(labels == obj, structure=np.ones((3, 3, 3)))
+        if count:
+            sizes = np.bincount(comp.ravel())[1:]
+            out[comp == 1 + int(np.argmax(sizes))] = obj
+    return out
+
+
+def _slice_scores(predictor, state, object_ids, n):
+    scores = {}
+    for obj in object_ids:
+        per_slice = predictor.object_scores(state, obj)
+        scores[obj] = [float(per_slice.get(k, np.nan)) for k in range(n)]
+    return scores

@@ -1,0 +1,172 @@
+"""`medsam2-jax segment` / `demo` end to end on real volumes, with random weights at 256 px.
+
+With untrained weights only the pipeline can be checked: outputs on the input's grid, forward
+and backward passes reaching every slice, several objects in one label volume, and every bad
+input answered with one line, exit status 2 and no output file left behind.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsam2_jax import cli, datasets
+from tests.reference import reference_image_model
+
+MODEL = ["--config", "test", "--no-montage"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A converted checkpoint of the decisive random `test` model (masks are not empty)."""
+    from medsam2_jax.convert.checkpoint import save_params
+
+    _, params, config = reference_image_model("test")
+    path = tmp_path_factory.mktemp("ckpt") / "test_ckpt"
+    save_params(params, path, config)
+    return str(path)
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def test_forward_backward_multi_object_on_lsa_volume(tmp_path, capsys, ckpt):
+    """Two boxes on a middle slice of the LSA-oriented ITK T1: both objects, every slice reached."""
+    src = datasets.itk_t1_lsa()
+    out = tmp_path / "seg.nii.gz"
+    argv = ["segment", str(src), "--out", str(out), "--checkpoint", ckpt, *MODEL, "--probabilities",
+            "--box", "30,40,60,70@30", "--box", "70,40,100,70@30"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    seg, ref = nib.load(out), nib.load(src)
+    assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
+    assert nib.aff2axcodes(seg.affine) == nib.aff2axcodes(ref.affine) == ("L", "S", "A")
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    scores = sidecar["slice_object_scores"]
+    assert set(scores) == {"1", "2"}
+    # Forward and backward passes: every slice along the prompt axis has an object score.
+    for per_slice in scores.values():
+        assert len(per_slice) == ref.shape[2] and all(s is not None for s in per_slice)
+    probs = nib.load(tmp_path / "seg_probabilities.nii.gz")
+    assert probs.shape == (*ref.shape, 2)
+    labels = np.asarray(seg.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_prompts_file_seed_labels_and_demo(tmp_path, capsys, ckpt):
+    vol = datasets.nibabel_anatomical()
+    seed = tmp_path / "seed.nii.gz"
+    img = nib.load(vol)
+    lab = np.zeros(img.shape, np.int16)
+    lab[10:20, 10:25, 8:15] = 3
+    lab[5:9, 30:36, 10:12] = 7
+    nib.save(nib.Nifti1Image(lab, img.affine), seed)
+    code, _, err = _run(["segment", str(vol), "--out", str(tmp_path / "a.nii.gz"), "--seed", str(seed),
+                         "--checkpoint", ckpt, *MODEL], capsys)
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "a.json").read_text())["slice_object_scores"]) == {"3", "7"}
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"version": 1, "objects": [
+        {"id": 5, "points": [[15, 20, 12], [3, 3, 12]], "point_labels": [1, 0]}]}))
+    code, _, err = _run(["segment", str(vol), "--out", str(tmp_path / "b.nii.gz"), "--prompts", str(prompts),
+                         "--checkpoint", ckpt, *MODEL, "--largest-component"], capsys)
+    assert code == 0, err
+    assert set(np.unique(np.asarray(nib.load(tmp_path / "b.nii.gz").dataobj))) <= {0, 5}
+
+
+def test_demo_runs_and_says_it_is_untrained(tmp_path, capsys):
+    code, out, err = _run(["demo", "--out-dir", str(tmp_path), "--config", "test"], capsys)
+    assert code == 0
+    assert "UNTRAINED" in err
+    for name in ("demo_labels.nii.gz", "demo_labels.json", "demo_labels_montage.png", "demo_report.md"):
+        assert (tmp_path / name).is_file()
+    assert "Dice against the AAL label" in (tmp_path / "demo_report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+def _bad(tmp_path, capsys, src, *prompt, extra=()):
+    out = tmp_path / "out" / "seg.nii.gz"
+    out.parent.mkdir(exist_ok=True)
+    code, _, err = _run(["segment", str(src), "--out", str(out), *MODEL, *extra, *prompt], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("medsam2-jax segment: error:")
+    assert not any(out.parent.iterdir()), list(out.parent.iterdir())
+    return err
+
+
+def _nifti(tmp_path, data, name="v.nii.gz"):
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4)), path)
+    return path
+
+
+BOX = ("--box", "2,2,10,10@5")
+
+
+def test_bad_inputs_each_fail_cleanly(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    good = rng.random((20, 20, 12)).astype(np.float32)
+    errors = {}
+    errors["missing"] = _bad(tmp_path, capsys, tmp_path / "nope.nii.gz", *BOX)
+    txt = tmp_path / "notes.nii.gz"
+    txt.write_text("this is not an image")
+    errors["not image"] = _bad(tmp_path, capsys, txt, *BOX)
+    full = _nifti(tmp_path, good, "full.nii.gz")
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    errors["truncated"] = _bad(tmp_path, capsys, cut, *BOX)
+    errors["2d"] = _bad(tmp_path, capsys, _nifti(tmp_path, good[:, :, 0], "flat.nii.gz"), *BOX)
+    errors["4d"] = _bad(tmp_path, capsys, _nifti(tmp_path, np.stack([good, good], -1), "four.nii.gz"), *BOX)
+    nan = good.copy()
+    nan[3, 3, 3] = np.nan
+    errors["nan"] = _bad(tmp_path, capsys, _nifti(tmp_path, nan, "nan.nii.gz"), *BOX)
+    errors["constant"] = _bad(tmp_path, capsys, _nifti(tmp_path, np.ones_like(good), "const.nii.gz"), *BOX)
+    errors["outside"] = _bad(tmp_path, capsys, full, "--box", "2,2,10,10@40")
+    errors["zero area"] = _bad(tmp_path, capsys, full, "--box", "4,4,4,10@5")
+    empty = _nifti(tmp_path, np.zeros(good.shape, np.int16), "empty_seed.nii.gz")
+    errors["empty seed"] = _bad(tmp_path, capsys, full, "--seed", str(empty))
+    for what, err in errors.items():
+        assert len(err) < 400, (what, err)
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, capsys, ckpt):
+    src = _nifti(tmp_path, np.random.default_rng(1).random((20, 20, 12)).astype(np.float32))
+    err = _bad(tmp_path, capsys, src, *BOX, extra=("--checkpoint", ckpt, "--config", "medsam2"))
+    assert "does not fit" in err
+
+
+def test_four_d_with_one_volume_is_accepted(tmp_path, capsys, ckpt):
+    data = np.random.default_rng(2).random((20, 20, 12, 1)).astype(np.float32)
+    src = _nifti(tmp_path, data, "one.nii.gz")
+    code, _, err = _run(["segment", str(src), "--out", str(tmp_path / "s.nii.gz"), "--checkpoint", ckpt, *MODEL,
+                         *BOX], capsys)
+    assert code == 0, err
+    assert nib.load(tmp_path / "s.nii.gz").shape[:3] == (20, 20, 12)
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    src = _nifti(tmp_path, np.random.default_rng(3).random((20, 20, 12)).astype(np.float32))
+    code, _, err = _run(["segment", str(src), "--out", "/proc/seg.nii.gz", *MODEL, *BOX], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    code, _, err = _run(["segment", str(src), "--out", str(tmp_path / "no" / "such" / "seg.nii.gz"), *MODEL, *BOX],
+                        capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["segment", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--box", "--point", "--prompts", "--seed", "--checkpoint", "--window", "--policy", "--out"):
+        assert flag in text
