@@ -133,15 +133,20 @@ def _prompts(args, volume):
 def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
     from medsam2_jax.tracker.config import get_tracker_config
     from medsam2_jax.tracker.predictor import VideoPredictor
-    from medsam2_jax.volumes.segment import segment_volume
+    from medsam2_jax.volumes.segment import segment_volume, segment_volume_multi_orientation
 
     tracker_config = get_tracker_config(memory_policy=args.policy)
     predictor = VideoPredictor(params, config, tracker_config)
     total = 2 * prompts.num_slices
+    if args.multi_orientation:
+        total = 2 * sum(volume.shape)
     bar = _progress_bar(total, "slices")
+    kwargs = dict(window=args.window, level=args.level, width=args.width, largest_component=args.largest_component,
+                  progress=bar.update)
     try:
-        return segment_volume(volume, prompts, predictor, window=args.window, level=args.level, width=args.width,
-                              largest_component=args.largest_component, progress=bar.update)
+        if args.multi_orientation:
+            return segment_volume_multi_orientation(volume, prompts, predictor, fusion=args.fusion, **kwargs)
+        return segment_volume(volume, prompts, predictor, **kwargs)
     finally:
         bar.close()
 
@@ -275,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--level", type=float, help="CT window level in HU (with --width)")
         q.add_argument("--width", type=float, help="CT window width in HU (with --level)")
         q.add_argument("--largest-component", action="store_true", help="keep each object's largest 3D component")
+        q.add_argument("--multi-orientation", action="store_true",
+                       help="also propagate along the two other axes, seeded by the first result, and fuse")
+        q.add_argument("--fusion", choices=("mean", "vote"), default="mean",
+                       help="how --multi-orientation fuses the three passes (default: mean of probabilities)")
         q.add_argument("--probabilities", action="store_true", help="also write per-object probabilities")
         q.add_argument("--no-montage", action="store_true", help="skip the overlay montage PNG")
 

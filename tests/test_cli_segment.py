@@ -81,6 +81,19 @@ def test_prompts_file_seed_labels_and_demo(tmp_path, capsys, ckpt):
     assert set(np.unique(np.asarray(nib.load(tmp_path / "b.nii.gz").dataobj))) <= {0, 5}
 
 
+def test_multi_orientation_fusion(tmp_path, capsys, ckpt):
+    vol = datasets.nibabel_anatomical()
+    out = tmp_path / "m.nii.gz"
+    code, _, err = _run(["segment", str(vol), "--out", str(out), "--box", "8,10,24,30@12", "--checkpoint", ckpt,
+                         *MODEL, "--multi-orientation", "--fusion", "vote", "--probabilities"], capsys)
+    assert code == 0, err
+    assert nib.load(out).shape == nib.load(vol).shape
+    probs = np.asarray(nib.load(tmp_path / "m_probabilities.nii.gz").dataobj)
+    # Majority voting over three passes gives fractions of thirds (or halves if one pass lost it).
+    assert np.all(np.isin(np.round(probs * 6), np.arange(7)))
+    assert ((probs > 0) & (probs < 1)).any(), "the passes along the other axes must have run and disagreed somewhere"
+
+
 def test_demo_runs_and_says_it_is_untrained(tmp_path, capsys):
     code, out, err = _run(["demo", "--out-dir", str(tmp_path), "--config", "test"], capsys)
     assert code == 0

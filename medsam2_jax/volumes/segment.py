@@ -2,8 +2,12 @@
 
 Slices along the prompts' axis are the frames of a video. Every object is tracked forward from
 its first prompted slice and backward from its last one; on each slice the pass that came from
-the nearer prompt wins (a prompted slice keeps its own output). Objects are then written into
-one label volume: a voxel goes to the object with the highest positive logit.
+the nearer prompt wins (equal distance: the mean of the two probabilities). Objects are then
+written into one label volume: a voxel goes to the object with the highest positive logit.
+
+Optionally (`segment_volume_multi_orientation`) the result seeds mask prompts on the central
+slice of each object along the two other axes, those passes run the same way, and the three
+probability volumes are averaged or majority-voted.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from scipy.special import expit, logit
 
 from medsam2_jax.volumes import intensity
 from medsam2_jax.volumes.io import Volume
-from medsam2_jax.volumes.prompts import VolumePrompts
+from medsam2_jax.volumes.prompts import SlicePrompt, VolumePrompts, make_volume_prompts
 
 
 @dataclasses.dataclass
@@ -68,6 +72,49 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     labels = np.moveaxis(labels, 0, axis)
     probabilities = np.moveaxis(np.moveaxis(probabilities, 1, 0), 1, axis + 1)
     return Segmentation(labels.astype(np.int32), probabilities.astype(np.float32), object_ids, scores)
+
+
+FUSIONS = ("mean", "vote")
+
+
+def segment_volume_multi_orientation(volume: Volume, prompts: VolumePrompts, predictor, *, fusion: str = "mean",
+                                     **kwargs) -> Segmentation:
+    """The prompted-axis pass, then one pass along each other axis seeded by its result."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    first = segment_volume(volume, prompts, predictor, **kwargs)
+    results = [first]
+    for axis in (a for a in range(3) if a != prompts.axis):
+        seeds = []
+        for j, obj in enumerate(first.object_ids):
+            present = first.labels == obj
+            along = np.nonzero(present.sum(axis=tuple(a for a in range(3) if a != axis)))[0]
+            if along.size == 0:
+                continue  # the first pass lost this object: nothing to seed
+            k = int(along[len(along) // 2])
+            seeds.append(SlicePrompt(obj, k, mask=np.take(present, k, axis=axis)))
+        if seeds:
+            results.append(segment_volume(volume, make_volume_prompts(volume, seeds, axis, prompts.object_names),
+                                          predictor, **kwargs))
+    return _fuse(results, first.object_ids, fusion)
+
+
+def _fuse(results: list[Segmentation], object_ids: list[int], fusion: str) -> Segmentation:
+    stacks = []
+    for r in results:
+        p = np.zeros((len(object_ids),) + r.labels.shape, np.float32)
+        for j, obj in enumerate(r.object_ids):
+            p[object_ids.index(obj)] = r.probabilities[j]
+        stacks.append(p)
+    stacks = np.stack(stacks)
+    if fusion == "mean":
+        probabilities = stacks.mean(axis=0)
+    else:  # majority of the passes that ran
+        probabilities = (stacks > 0.5).mean(axis=0).astype(np.float32)
+    best = np.argmax(probabilities, axis=0)
+    positive = np.take_along_axis(probabilities, best[None], axis=0)[0] > 0.5
+    labels = np.where(positive, np.asarray(object_ids, np.int32)[best], 0).astype(np.int32)
+    return Segmentation(labels, probabilities, object_ids, results[0].slice_scores)
 
 
 def _reorder(masks, ids, object_ids):
