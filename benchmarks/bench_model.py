@@ -26,12 +26,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.reference
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, sync=lambda: None) -> float:
     fn()  # warm-up (and compilation for JAX)
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memories", type=int, default=7)
     ap.add_argument("--attention", default="auto", help="attention_impl for our side")
+    ap.add_argument("--device", default="cpu", help="device for the official model (cpu or cuda)")
     args = ap.parse_args()
 
     import ml_collections
@@ -55,6 +58,8 @@ def main() -> None:
     from tests.reference import reference_image_model
 
     model, params, config = reference_image_model(args.config)
+    model = model.to(args.device)
+    cuda = args.device.startswith("cuda")
     config = ml_collections.ConfigDict(config.to_dict())
     config.attention_impl = args.attention
     cfg = ml_collections.FrozenConfigDict(config)
@@ -75,16 +80,17 @@ def main() -> None:
     click = np.array([[[s_img * 0.4, s_img * 0.6]]], np.float32)
     label = np.array([[1]], np.int32)
 
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(args.device)
     nchw = lambda a: t(a.transpose(0, 3, 1, 2))
     rows = []
+    tsync = torch.cuda.synchronize if cuda else (lambda: None)
 
     # Image encoder
     jit_enc = jax.jit(lambda p, x: S.forward_image(p, x, cfg))
     ours = lambda: jax.block_until_ready(jit_enc(params, img))
     with torch.inference_mode():
         ref = lambda: model.forward_image(nchw(img))
-        rows.append(("image encoder", _median_seconds(ref, args.repeats), _median_seconds(ours, args.repeats)))
+        rows.append(("image encoder", _median_seconds(ref, args.repeats, tsync), _median_seconds(ours, args.repeats)))
 
     # Memory attention
     jit_ma = jax.jit(lambda p, a, b, c, d: memory_attention(p, a, b, c, d, n_ptr, cfg))
@@ -92,7 +98,7 @@ def main() -> None:
     sf = lambda a: t(a).transpose(0, 1)
     with torch.inference_mode():
         ref = lambda: model.memory_attention([sf(curr)], sf(mem), [sf(curr_pos)], sf(mem_pos), num_obj_ptr_tokens=n_ptr)
-        rows.append((f"memory attention ({args.memories} mem)", _median_seconds(ref, args.repeats),
+        rows.append((f"memory attention ({args.memories} mem)", _median_seconds(ref, args.repeats, tsync),
                      _median_seconds(ours, args.repeats)))
 
     # Memory encoder
@@ -100,7 +106,7 @@ def main() -> None:
     ours = lambda: jax.block_until_ready(jit_me(params["memory_encoder"], feat, mask))
     with torch.inference_mode():
         ref = lambda: model.memory_encoder(nchw(feat), nchw(mask), skip_mask_sigmoid=True)
-        rows.append(("memory encoder", _median_seconds(ref, args.repeats), _median_seconds(ours, args.repeats)))
+        rows.append(("memory encoder", _median_seconds(ref, args.repeats, tsync), _median_seconds(ours, args.repeats)))
 
     # Prompt encoder + mask decoder
     def _dec(p, f, h, c, l):
@@ -115,10 +121,10 @@ def main() -> None:
             return model.sam_mask_decoder(nchw(feat), model.sam_prompt_encoder.get_dense_pe(), sp, de, True, False,
                                           [nchw(h) for h in hr])
 
-        rows.append(("prompt + mask decoder", _median_seconds(ref, args.repeats), _median_seconds(ours, args.repeats)))
+        rows.append(("prompt + mask decoder", _median_seconds(ref, args.repeats, tsync), _median_seconds(ours, args.repeats)))
 
-    print(f"\n{args.config} at {s_img} px, float32, CPU ({torch.get_num_threads()} torch threads), "
-          f"median of {args.repeats}, attention={args.attention}")
+    print(f"\n{args.config} at {s_img} px, float32, official on {args.device} ({torch.get_num_threads()} torch "
+          f"threads), ours on {jax.devices()[0].platform}, median of {args.repeats}, attention={args.attention}")
     print(f"{'piece':28s} {'official (s)':>13s} {'ours (s)':>10s} {'official/ours':>14s}")
     for name, ref_s, our_s in rows:
         print(f"{name:28s} {ref_s:13.3f} {our_s:10.3f} {ref_s / our_s:14.2f}")
