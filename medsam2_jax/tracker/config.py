@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import ml_collections
 
-POLICIES = ("fifo",)
+POLICIES = ("fifo", "self_sorting", "medsam2_released")  # built in; `policies.register_policy` adds more
+READS = ("all", "topk", "sample")
 
 
 def get_tracker_config(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Memory policy: "fifo" is SAM 2 / SAM 2.1 exactly (memory-bank.md section 2).
+    # Memory policy: "fifo" is SAM 2 / SAM 2.1 exactly (memory-bank.md section 2); "self_sorting"
+    # is MedSAM-2's bank (section 3); "medsam2_released" the released 2D code's rule (section 4).
     c.memory_policy = "fifo"
+    # Knobs of "self_sorting" (memory-bank.md section 3; [choice] marks where the paper is silent).
+    c.K = 16  # non-conditioning slots [choice: the released code's bank size]
+    c.conf_threshold = 0.5  # gate on iou * sigmoid(object logit) [choice]
+    c.lambda_conf = 0.5  # s = lambda * conf + (1 - lambda) * dissimilarity [choice]
+    c.read = "all"  # "all" | "topk" | "sample" [choice]
+    c.R = 6  # slots read by "topk" / "sample" (and draws of "medsam2_released") [choice: num_maskmem - 1]
+    c.temperature = 1.0  # of softmax(sim / temperature) for "sample"
+    c.key_pool = None  # None: keys are whole flattened memories; g: mean over a g x g grid
+    c.query_source = "image"  # "image": raw stride-16 features; "memory": projected by the memory encoder
+    c.tpos = "rank"  # "rank": maskmem_tpos_enc row by rank in the sorted bank; "none": one shared row
+    c.seed = 0  # PRNG seed of sampled reads
     # Pinned prompted (conditioning) frames per object: cond slots `Kc`. SAM 2 attends to all of
     # them (max_cond_frames_in_attn = -1), so a video may carry at most this many prompted frames
     # per object.
@@ -31,8 +44,19 @@ def get_tracker_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def check(tracker_config, model_config) -> None:
-    if tracker_config.memory_policy not in POLICIES:
-        raise ValueError(f"memory_policy must be one of {POLICIES}, got {tracker_config.memory_policy!r}")
+    from medsam2_jax.tracker.policies import REGISTRY
+
+    if tracker_config.memory_policy not in REGISTRY:
+        raise ValueError(f"memory_policy must be one of {sorted(REGISTRY)}, got {tracker_config.memory_policy!r}")
+    if tracker_config.read not in READS:
+        raise ValueError(f"read must be one of {READS}, got {tracker_config.read!r}")
+    if tracker_config.query_source not in ("image", "memory") or tracker_config.tpos not in ("rank", "none"):
+        raise ValueError("query_source must be 'image' or 'memory', tpos 'rank' or 'none'")
+    s = model_config.image_size // model_config.backbone_stride
+    if tracker_config.key_pool and s % tracker_config.key_pool:
+        raise ValueError(f"key_pool={tracker_config.key_pool} must divide the feature grid {s}")
+    if tracker_config.read == "topk" and tracker_config.R > tracker_config.K:
+        raise ValueError("read='topk' needs R <= K")
     if tracker_config.chunk_size % tracker_config.feature_batch_size:
         raise ValueError("feature_batch_size must divide chunk_size")
     if model_config.max_cond_frames_in_attn != -1:

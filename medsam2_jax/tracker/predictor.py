@@ -148,15 +148,21 @@ class VideoPredictor:
     # ------------------------------------------------------------------------------------------
     # Fixed-size banks from the host store
 
-    def _bank(self, st, obj_idx, frame_idx, reverse):
-        """The `TrackerState` that tracking from `frame_idx` in this direction reads."""
+    def _bank(self, st, obj_idx, frame_idx, reverse, fresh=False):
+        """The `TrackerState` that tracking from `frame_idx` in this direction reads.
+
+        Policies other than fifo keep their own bank (`state.bank`): a propagation starts it empty
+        (`fresh`), so each pass fills it with what it tracks [choice]; a correction on a tracked
+        frame reads the bank the last propagation of this object ended with.
+        """
         out = st["output_dict_per_obj"][obj_idx]
         cond, non_cond = out[COND], out[NON_COND]
         kc = self.tracker_config.max_cond_frames
         if len(cond) > kc:
             raise ValueError(f"object {st['obj_idx_to_id'][obj_idx]} has {len(cond)} prompted frames; "
                              f"the tracker pins at most max_cond_frames={kc}")
-        b = {f: np.array(getattr(self._empty, f)) for f in self._empty.__dataclass_fields__}
+        b = {f: np.array(getattr(self._empty, f)) for f in self._empty.__dataclass_fields__ if f != "bank"}
+        b["bank"] = self._empty.bank if fresh else st.setdefault("policy_banks", {}).get(obj_idx, self._empty.bank)
         for i, (t, o) in enumerate(cond.items()):
             b["cond_mem"][i] = o["maskmem_features"]
             b["cond_ptr"][i], b["cond_mask"][i], b["cond_score"][i] = o["obj_ptr"], o["pred_masks"], o["object_score_logits"]
@@ -311,9 +317,9 @@ class VideoPredictor:
         order = processing_order(st["num_frames"], start_frame_idx, max_frame_num_to_track, reverse)
         if not order:
             return
-        banks = [self._bank(st, i, start_frame_idx, reverse) for i in range(n_obj)]
+        banks = [self._bank(st, i, start_frame_idx, reverse, fresh=True) for i in range(n_obj)]
         state = jax.tree.map(lambda *xs: np.stack(xs), *banks)
-        for idx, outs, _ in iter_propagate(self.params, self.config, state, st["images"], start_frame_idx,
+        for idx, outs, state in iter_propagate(self.params, self.config, state, st["images"], start_frame_idx,
                                            reverse, max_frame_num_to_track, self.tracker_config):
             for j, frame_idx in enumerate(idx):
                 masks = []
@@ -332,3 +338,7 @@ class VideoPredictor:
                     st["frames_tracked_per_obj"][obj_idx][frame_idx] = {"reverse": reverse}
                     masks.append(pred)
                 yield frame_idx, obj_ids, self._video_res(st, np.stack(masks))
+            if state.bank is not None:
+                host = jax.tree.map(np.asarray, state.bank)
+                st.setdefault("policy_banks", {}).update(
+                    {i: jax.tree.map(lambda x, i=i: x[i], host) for i in range(n_obj)})

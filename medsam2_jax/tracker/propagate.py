@@ -26,6 +26,7 @@ import numpy as np
 from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import config as tracker_config_lib
 from medsam2_jax.tracker import step as step_lib
+from medsam2_jax.tracker.policies import make_policy
 from medsam2_jax.tracker.state import TrackerState
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -60,6 +61,7 @@ class Compiled:
         tracker_config_lib.check(tracker_config, config)
         self.config, self.tracker_config = config, tracker_config
         c, tc = config, tracker_config
+        self.policy = policy = make_policy(config, tracker_config)
         objects = lambda f, *axes: jax.vmap(f, in_axes=axes)
 
         def chunk(params, state, frames, frame_idx, active, num_frames, reverse):
@@ -69,7 +71,7 @@ class Compiled:
             def body(st, x):
                 i, t, a = x
                 f = _frame(feats, i)
-                track = lambda s_: step_lib.track_frame(params, c, s_, f, t, num_frames, reverse, a)
+                track = lambda s_: step_lib.track_frame(params, c, s_, f, t, num_frames, reverse, a, policy)
                 st, out = jax.vmap(track)(st)
                 return st, out
 
@@ -79,14 +81,14 @@ class Compiled:
         def add_prompt(params, state, frame, prompt, frame_idx, prompted):
             TRACE_COUNTS["add_prompt"] += 1
             f = _frame(compute_features(params, c, frame[None], 1), 0)
-            one = lambda s_, p_, a_: step_lib.step(params, c, s_, f, frame_idx, 1, False, p_, a_)
+            one = lambda s_, p_, a_: step_lib.step(params, c, s_, f, frame_idx, 1, False, p_, a_, policy)
             return jax.vmap(one)(state, prompt, prompted)
 
         def interact(params, state, features, prompt, frame_idx, num_frames, reverse, prev, *, init_cond, has_mask):
             TRACE_COUNTS["interact"] += 1
             prompt = prompt.replace(has_mask=has_mask)
             return step_lib.prompt_frame(params, c, state, features, prompt, frame_idx, num_frames, reverse,
-                                         init_cond=init_cond, prev_mask_logits=prev)
+                                         init_cond=init_cond, prev_mask_logits=prev, policy=policy)
 
         def features1(params, frame):
             TRACE_COUNTS["features"] += 1

@@ -12,6 +12,8 @@ can reach. A sequential scan writes every frame, so the ring always holds the fr
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -35,6 +37,8 @@ class TrackerState:
     ptr: jax.Array  # (P, C)
     ptr_frame: jax.Array  # (P,) int32
     ptr_valid: jax.Array  # (P,) bool
+    # The memory policy's own entries (`policies`): None for fifo, which uses the ring above.
+    bank: Any = None
 
 
 def recent_slots(config) -> int:
@@ -47,8 +51,14 @@ def pointer_slots(config) -> int:
     return max(config.max_obj_ptrs_in_encoder - 1, 1)
 
 
-def init_state(config, tracker_config) -> TrackerState:
-    """An empty bank for one object; `jax.tree.map(lambda x: jnp.stack([x] * n), ...)` for n."""
+def init_state(config, tracker_config, policy=None) -> TrackerState:
+    """An empty bank for one object; `jax.tree.map(lambda x: jnp.stack([x] * n), ...)` for n.
+
+    `policy` (default: the one `tracker_config.memory_policy` names) fills `bank`.
+    """
+    from medsam2_jax.tracker.policies import make_policy
+
+    policy = policy or make_policy(config, tracker_config)
     s = config.image_size // config.backbone_stride
     kc, k, p = tracker_config.max_cond_frames, recent_slots(config), pointer_slots(config)
     c, cm = config.hidden_dim, config.mem_dim
@@ -69,6 +79,7 @@ def init_state(config, tracker_config) -> TrackerState:
         ptr=jnp.zeros((p, c), jnp.float32),
         ptr_frame=ptr_frame,
         ptr_valid=ptr_valid,
+        bank=policy.init(),
     )
 
 

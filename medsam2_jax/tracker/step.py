@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from medsam2_jax.model import layers, sam2
 from medsam2_jax.model.memory_attention import memory_attention
 from medsam2_jax.model.position_encoding import sine_1d, sine_2d
-from medsam2_jax.tracker.state import MEMORY_DTYPE, TrackerState, lookup_recent, write_cond, write_recent
+from medsam2_jax.tracker.policies import Entry, Query
+from medsam2_jax.tracker.policies.fifo import Fifo, pointer_normaliser, recent_targets  # noqa: F401
+from medsam2_jax.tracker.state import MEMORY_DTYPE, TrackerState, write_cond
 
 
 def _batch1(features):
@@ -33,19 +35,22 @@ def _batch1(features):
     )
 
 
-def recent_targets(config, frame_idx, reverse):
-    """Frame indices read for t_pos = 1 .. num_maskmem-1 (`_prepare_memory_conditioned_features`)."""
-    m, r = config.num_maskmem, config.memory_temporal_stride_for_eval
-    t = jnp.asarray(frame_idx, jnp.int32)
-    t_rel = m - jnp.arange(1, m, dtype=jnp.int32)
-    fwd = jnp.where(t_rel == 1, t - 1, ((t - 2) // r) * r - (t_rel - 2) * r)
-    rev = jnp.where(t_rel == 1, t + 1, -((-(t + 2)) // r) * r + (t_rel - 2) * r)
-    return jnp.where(reverse, rev, fwd)
+def _policy(config, state, policy):
+    if policy is not None:
+        return policy
+    if state.bank is not None:
+        raise ValueError("this state holds a policy's bank: pass the policy (policies.make_policy)")
+    return Fifo(config, None)
 
 
 def memory_conditioned_features(params, config, state: TrackerState, vision_features, vision_pos_enc,
-                                frame_idx, num_frames, reverse):
-    """(1, s, s, C) features fused with the bank for a frame that is not an initial cond frame."""
+                                frame_idx, num_frames, reverse, policy=None):
+    """(1, s, s, C) features fused with the bank for a frame that is not an initial cond frame.
+
+    Memory tokens: every conditioning frame (t_pos 0), then what the policy reads; pointer tokens:
+    the conditioning frames' (only past ones in eval), then the policy's.
+    """
+    policy = _policy(config, state, policy)
     s, c, cm = vision_features.shape[1], config.hidden_dim, config.mem_dim
     hw, m = s * s, config.num_maskmem
     f32 = jnp.float32
@@ -53,22 +58,27 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
     sign = jnp.where(reverse, -1, 1)
     mem_pos = sine_2d(s, s, cm).reshape(hw, cm)
     tpos = params["maskmem_tpos_enc"][:, 0, 0, :]  # (num_maskmem, Cm)
+    row = lambda i: jnp.where((i >= 0)[..., None], tpos[jnp.maximum(i, 0)], 0.0) if policy.temporal_encoding \
+        else jnp.zeros(jnp.shape(i) + (cm,), f32)
 
-    # Spatial memories: every conditioning frame (t_pos 0), then t_pos = 1 .. m-1.
-    kc = state.cond_mem.shape[0]
+    needs_memory = getattr(policy, "needs_memory_query", False)
+    query = Query(frame=t, num_frames=jnp.asarray(num_frames, jnp.int32), reverse=jnp.asarray(reverse),
+                  image_features=vision_features[0],
+                  memory_features=_empty_mask_memory(params, config, vision_features)[0] if needs_memory else None)
+    read = policy.read(state, query)
+
+    kc, r = state.cond_mem.shape[0], read.mem.shape[0]
     cond_tok = state.cond_mem.astype(f32).reshape(kc * hw, cm)
-    cond_pos = jnp.tile(mem_pos + tpos[m - 1], (kc, 1))
+    cond_pos = jnp.tile(mem_pos + row(jnp.int32(m - 1)), (kc, 1))
     cond_ok = jnp.repeat(state.cond_valid, hw)
-    t_pos = jnp.arange(1, m)
-    slot, found = lookup_recent(state.mem_frame, state.mem_valid, recent_targets(config, t, reverse))
-    rec_tok = state.mem[slot].astype(f32).reshape((m - 1) * hw, cm)
-    rec_pos = (mem_pos[None] + tpos[m - t_pos - 1][:, None, :]).reshape((m - 1) * hw, cm)
-    rec_ok = jnp.repeat(found, hw)
+    rec_tok = read.mem.astype(f32).reshape(r * hw, cm)
+    rec_pos = (mem_pos[None] + row(read.tpos)[:, None, :]).reshape(r * hw, cm)
+    rec_ok = jnp.repeat(read.valid, hw)
     toks, poss, oks = [cond_tok, rec_tok], [cond_pos, rec_pos], [cond_ok, rec_ok]
 
     num_ptr_tokens = 0
-    if config.use_obj_ptrs_in_encoder:
-        max_ptrs = jnp.minimum(jnp.asarray(num_frames, jnp.int32), config.max_obj_ptrs_in_encoder)
+    if config.use_obj_ptrs_in_encoder and policy.object_pointers:
+        _, t_diff_max = pointer_normaliser(config, num_frames)
         # Conditioning pointers (only those in the past in eval), offset by signed distance.
         if config.only_obj_ptrs_in_the_past_for_eval:
             past = jnp.where(reverse, state.cond_frame >= t, state.cond_frame <= t)
@@ -79,18 +89,11 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
             cond_off = (t - state.cond_frame) * sign
         else:
             cond_off = jnp.abs(t - state.cond_frame)
-        # Then frames t-1, t-2, ... (tracking direction) up to max_ptrs - 1 back, inside the video.
-        p = state.ptr.shape[0]
-        diff = jnp.arange(1, p + 1, dtype=jnp.int32)
-        target = t - sign * diff
-        pslot, pfound = lookup_recent(state.ptr_frame, state.ptr_valid, target)
-        rec_ptr_ok = pfound & (diff <= max_ptrs - 1) & (target >= 0) & (target < num_frames)
-        ptrs = jnp.concatenate([state.cond_ptr, state.ptr[pslot]])
-        offs = jnp.concatenate([cond_off, diff]).astype(f32)
-        ptr_ok = jnp.concatenate([cond_ptr_ok, rec_ptr_ok])
+        ptrs = jnp.concatenate([state.cond_ptr, read.ptr])
+        offs = jnp.concatenate([cond_off.astype(f32) / t_diff_max, read.ptr_offset.astype(f32)])
+        ptr_ok = jnp.concatenate([cond_ptr_ok, read.ptr_valid])
         if config.add_tpos_enc_to_obj_ptrs:
-            t_diff_max = jnp.maximum(max_ptrs - 1, 1).astype(f32)  # the normaliser follows the video length
-            pe = sine_1d(offs / t_diff_max, c if config.proj_tpos_enc_in_obj_ptrs else cm)
+            pe = sine_1d(offs, c if config.proj_tpos_enc_in_obj_ptrs else cm)
             ptr_pos = layers.linear(params["obj_ptr_tpos_proj"], pe) if config.proj_tpos_enc_in_obj_ptrs else pe
         else:
             ptr_pos = jnp.zeros((ptrs.shape[0], cm), f32)
@@ -110,6 +113,13 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
     return out.reshape(1, s, s, c)
 
 
+def _empty_mask_memory(params, config, vision_features):
+    """A frame's features projected into the memory space with an empty mask (`query_source="memory"`)."""
+    s = config.image_size
+    empty = jnp.full((1, s, s, 1), -1024.0, jnp.float32)
+    return _encode(params, config, vision_features, empty, jnp.ones((1, 1), jnp.float32), False)
+
+
 def _encode(params, config, vision_features, high_res_masks, score, from_points):
     mem, _ = sam2.encode_new_memory(params, vision_features, high_res_masks, score, from_points, config)
     return mem[0].astype(MEMORY_DTYPE)
@@ -122,7 +132,7 @@ def prompt_memory(params, config, features, low_res_masks, object_score_logits):
 
 
 def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames, reverse, *,
-                 init_cond: bool, prev_mask_logits=None):
+                 init_cond: bool, prev_mask_logits=None, policy=None):
     """The SAM heads for a frame that receives clicks, a box or a mask (no memory encoding).
 
     `init_cond` (static): the object has not been tracked on this frame, so no memory is used.
@@ -140,7 +150,8 @@ def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames,
         if init_cond:
             pix = sam2.add_no_mem_embed(params, vf)
         else:
-            pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse)
+            pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse,
+                                              policy)
         n = prompt.point_valid.sum()
         multimask = (config.multimask_output_in_sam and (init_cond or config.multimask_output_for_tracking)) & (
             (config.multimask_min_pt_num <= n) & (n <= config.multimask_max_pt_num))
@@ -156,10 +167,16 @@ def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames,
     return out
 
 
-def track_frame(params, config, state: TrackerState, features, frame_idx, num_frames, reverse, active=True):
-    """A frame without a new prompt: track from memory, or replay a conditioning frame."""
+def track_frame(params, config, state: TrackerState, features, frame_idx, num_frames, reverse, active=True,
+                policy=None):
+    """A frame without a new prompt: track from memory, or replay a conditioning frame.
+
+    The new memory is offered to the policy as an `Entry`; outputs add `bank_frames`, the frame
+    held in each of the policy's slots after the write (-1: empty).
+    """
+    policy = _policy(config, state, policy)
     vf, pos, hr = _batch1(features)
-    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse)
+    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse, policy)
     multimask = (config.multimask_output_in_sam and config.multimask_output_for_tracking
                  and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
     sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
@@ -174,21 +191,25 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
         "maskmem_features": jnp.where(replay, state.cond_mem[cslot], mem),
         "is_cond": replay,
     }
-    state = write_recent(state, frame_idx, mem, sam["obj_ptr"][0], write=jnp.asarray(active) & ~replay)
+    entry = Entry(mem=mem, ptr=sam["obj_ptr"][0], frame=jnp.asarray(frame_idx, jnp.int32), iou=sam["iou"][0],
+                  object_score=sam["object_score_logits"][0, 0], image_features=vf[0], conditioned_features=pix[0])
+    state = policy.write(state, entry, jnp.asarray(active) & ~replay)
+    out["bank_frames"] = policy.held_frames(state)
     return state, out
 
 
 def step(params, config, state: TrackerState, features, frame_idx, num_frames, reverse=False, prompt=None,
-         active=True):
+         active=True, policy=None):
     """`track_step` for one object: (state, outputs) with low_res_masks (4s, 4s, 1),
     object_score_logits (1,), obj_ptr (C,), maskmem_features (s, s, Cm) bfloat16, is_cond.
 
     With `prompt` the frame becomes a pinned initial conditioning frame (`active` gates the write,
     so a vmapped call can prompt some objects only); without, it is tracked from the bank.
-    `frame_idx`, `num_frames`, `reverse` and `active` may be traced.
+    `frame_idx`, `num_frames`, `reverse` and `active` may be traced. `policy` (a
+    `policies.MemoryPolicy`) decides what is written and read; None means fifo, the SAM 2 ring.
     """
     if prompt is None:
-        return track_frame(params, config, state, features, frame_idx, num_frames, reverse, active)
+        return track_frame(params, config, state, features, frame_idx, num_frames, reverse, active, policy)
     out = prompt_frame(params, config, state, features, prompt, frame_idx, num_frames, reverse, init_cond=True)
     mem = prompt_memory(params, config, features, out["low_res_masks"], out["object_score_logits"])
     state = write_cond(state, frame_idx, mem, out["obj_ptr"], out["low_res_masks"], out["object_score_logits"],

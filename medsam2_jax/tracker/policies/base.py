@@ -1,0 +1,115 @@
+"""The memory-policy interface: what a frame writes into the bank and what the next frame reads.
+
+A policy owns the non-conditioning memories of one object. Conditioning (prompted) frames are
+pinned by the tracker itself (`state.write_cond`) and always read; a policy decides the rest:
+
+    class MyPolicy(MemoryPolicy):
+        def init(self):                         # -> the policy's bank pytree (fixed shapes)
+        def write(self, state, entry, active):  # -> state with state.bank updated
+        def read(self, state, query):           # -> MemoryRead (fixed size R)
+
+All three are pure and traced under `jit`, `vmap` (objects, streams) and `lax.scan` (frames), so
+shapes must not depend on data: use masks, `jnp.where`, `lax.top_k`. A policy keeps its entries in
+`state.bank` (what `init` returned); `write` gets the whole `TrackerState` so that a rule may look
+at the pinned entries too. `fifo` is SAM 2's ring, which lives in the state's recent-ring fields.
+
+A researcher's rule plugs in without touching the tracker: `register_policy("mine", MyPolicy)`
+and `get_tracker_config(memory_policy="mine")`, or pass `policy=MyPolicy(config, tracker_config)`
+to `step.step` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Entry:
+    """A tracked (non-conditioning) frame's candidate memory."""
+
+    mem: jax.Array  # (s, s, Cm) spatial memory, bfloat16 (carries gradients in training)
+    ptr: jax.Array  # (C,) object pointer
+    frame: jax.Array  # () int32 frame index
+    iou: jax.Array  # () predicted IoU of the chosen mask (already through the decoder's sigmoid)
+    object_score: jax.Array  # () object-presence logit
+    image_features: jax.Array  # (s, s, C) raw stride-16 image features of the frame
+    conditioned_features: jax.Array  # (s, s, C) the same after memory attention
+
+
+@struct.dataclass
+class Query:
+    """What a policy may look at when choosing the memories of the frame being tracked."""
+
+    frame: jax.Array  # () int32
+    num_frames: jax.Array  # () int32
+    reverse: jax.Array  # () bool
+    image_features: jax.Array  # (s, s, C) raw stride-16 features of this frame
+    # (s, s, Cm) the same projected by the memory encoder with an empty mask, for policies with
+    # `needs_memory_query = True`; None otherwise.
+    memory_features: Any = None
+
+
+@struct.dataclass
+class MemoryRead:
+    """R spatial memories and P object pointers, each with a validity flag (invalid = masked out).
+
+    `tpos` picks the row of `maskmem_tpos_enc` added to a memory's positional encoding; -1 adds
+    none. `ptr_offset` is the temporal offset of a pointer, already normalised (SAM 2.1 divides the
+    signed frame distance by the pointer window).
+    """
+
+    mem: jax.Array  # (R, s, s, Cm)
+    tpos: jax.Array  # (R,) int32
+    valid: jax.Array  # (R,) bool
+    ptr: jax.Array  # (P, C)
+    ptr_offset: jax.Array  # (P,) float32
+    ptr_valid: jax.Array  # (P,) bool
+
+
+class MemoryPolicy:
+    """Base class; subclasses set the class attributes and implement init / write / read."""
+
+    name = "base"
+    # Add maskmem_tpos_enc rows at all (the pinned entries get row num_maskmem - 1, as in SAM 2).
+    temporal_encoding = True
+    # Feed object pointers (of the pinned entries and the read slots) to memory attention.
+    object_pointers = True
+
+    def __init__(self, config, tracker_config):
+        self.config, self.tracker_config = config, tracker_config
+
+    def init(self):
+        raise NotImplementedError
+
+    def write(self, state, entry: Entry, active):
+        raise NotImplementedError
+
+    def read(self, state, query: Query) -> MemoryRead:
+        raise NotImplementedError
+
+    def held_frames(self, state) -> jax.Array:
+        """Frame index per slot of the bank (-1 where empty), in the bank's own slot order."""
+        raise NotImplementedError
+
+
+def put(arr, slot, value, write):
+    """`arr[slot] = value` where `write`, as a masked write (no data-dependent shapes)."""
+    return jnp.where(write, arr.at[slot].set(value.astype(arr.dtype)), arr)
+
+
+def normalised(x, axis=-1):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def pooled_key(features, key_pool):
+    """L2-normalised descriptor of an (s, s, C) map: flattened, or the mean over a g x g grid."""
+    f = features.astype(jnp.float32)
+    if key_pool:
+        s, c = f.shape[0], f.shape[-1]
+        f = f.reshape(key_pool, s // key_pool, key_pool, s // key_pool, c).mean(axis=(1, 3))
+    return normalised(f.reshape(-1))
