@@ -77,6 +77,27 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
         )
     )
 
+    c.data.val_manifest = ""  # clips for validation Dice (no augmentation); empty = none
+    c.data.val_batches = 2  # batches per validation
+
+    # Prompt simulation (prompts.py), SAM 2's training defaults.
+    c.prompts = ml_collections.ConfigDict(
+        dict(
+            num_init_cond_frames=2,  # 1..2 conditioning frames: frame 0 and maybe one more
+            rand_init_cond_frames=True,
+            prob_point_input=0.5,  # else a GT mask on the conditioning frames
+            prob_box_input=0.5,  # of point inputs: box, else one click
+            box_noise=0.1,
+            box_noise_bound=20.0,
+            num_correction_points=7,  # iterative error clicks on conditioning frames (point input)
+            prob_from_gt=0.1,
+        )
+    )
+
+    # Train step (train_step.py).
+    c.compute_dtype = "float32"  # or "bfloat16": params stay float32, the forward runs in bf16
+    c.remat = True  # jax.checkpoint around each frame's tracker step
+
     # Optimisation (optimizer.py, losses.py).
     c.batch_size = 8  # global, clips per step over all hosts
     c.num_steps = 20_000
@@ -108,6 +129,11 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.checkpoint_keep = 3
     c.async_checkpoints = True
 
+    # Logging (writers.py, loop.py).
+    c.log_every = 10  # steps between scalar logs (each fetches the metrics from the device)
+    c.eval_every = 1000  # steps between validation Dice (needs data.val_manifest)
+    c.tensorboard = True
+
     if variant == "medsam2":
         c.data.clip_length = 8
     elif variant == "test":
@@ -122,6 +148,9 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
         c.checkpoint_every = 2
         c.checkpoint_keep = 2
         c.fsdp_min_size_mb = 0.0
+        c.prompts.num_correction_points = 1
+        c.log_every = 1
+        c.eval_every = 5
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
     return c

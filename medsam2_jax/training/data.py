@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from medsam2_jax.training.prompts import PromptConfig, simulate_prompts
 from medsam2_jax.volumes import intensity
 from medsam2_jax.volumes.io import VolumeError, load_label_volume, load_volume
 
@@ -304,9 +305,10 @@ def sample_clip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 class ClipSampler(grain.transforms.RandomMap):
     """Reads one manifest entry and samples a clip from it with the record's own rng."""
 
-    def __init__(self, cfg: ClipConfig, on_bad_record: str = "raise"):
+    def __init__(self, cfg: ClipConfig, on_bad_record: str = "raise", prompt_config=None):
         self.cfg = cfg
         self.on_bad_record = on_bad_record
+        self.prompt_config = prompt_config  # prompts.PromptConfig: add simulated prompts
 
     def random_map(self, entry: Entry, rng: np.random.Generator):
         try:
@@ -317,6 +319,8 @@ class ClipSampler(grain.transforms.RandomMap):
             _bad(str(error), self.on_bad_record)
             return None  # grain drops None records
         clip["entry"] = np.int32(entry.index)
+        if self.prompt_config is not None:
+            clip.update(simulate_prompts(clip["masks"], rng, self.prompt_config))
         return clip
 
 
@@ -336,8 +340,9 @@ def shard_entries(entries: Sequence[Entry], shard: grain.sharding.ShardOptions) 
 
 
 def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed: int,
-                 shard: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
-    """The per-host IterDataset of batches (`batch_size` = this host's clips per step)."""
+                 shard: grain.sharding.ShardOptions | None = None, prompt_config=None) -> grain.IterDataset:
+    """The per-host IterDataset of batches (`batch_size` = this host's clips per step); with a
+    `prompt_config` (prompts.PromptConfig) each clip also carries its simulated prompts."""
     if shard is None:  # ShardOptions(jax.process_index(), jax.process_count())
         shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     num_epochs = data_config.num_epochs
@@ -346,7 +351,7 @@ def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed
     host_seed = int(np.random.SeedSequence([seed, shard.shard_index]).generate_state(1)[0])
     ds = grain.MapDataset.source(shard_entries(entries, shard)).seed(host_seed)
     ds = ds.shuffle().repeat(None if num_epochs < 0 else num_epochs)
-    ds = ds.random_map(ClipSampler(ClipConfig.from_config(data_config), data_config.on_bad_record))
+    ds = ds.random_map(ClipSampler(ClipConfig.from_config(data_config), data_config.on_bad_record, prompt_config))
     # Bounded read-ahead: grain's default (hundreds of records) would hold that many volumes.
     read = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_buffer)
     batches = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)
@@ -355,11 +360,17 @@ def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed
     return batches
 
 
-def dataset_from_config(config, *, batch_size: int | None = None, shard=None) -> grain.IterDataset:
-    """`config` from configs/train.py; `batch_size` defaults to this host's share of the global one."""
+def dataset_from_config(config, *, batch_size: int | None = None, shard=None, manifest=None,
+                        data_config=None) -> grain.IterDataset:
+    """`config` from configs/train.py; `batch_size` defaults to this host's share of the global
+    one. Clips carry simulated prompts (config.prompts). `manifest`/`data_config` override
+    config.data's (the validation set)."""
     from medsam2_jax.training.sharding import local_batch_size
 
-    entries = read_manifest(config.data.manifest, config.data.on_bad_record)
+    data_config = config.data if data_config is None else data_config
+    entries = read_manifest(manifest or data_config.manifest, data_config.on_bad_record)
     if batch_size is None:
         batch_size = local_batch_size(config.batch_size)
-    return make_dataset(entries, config.data, batch_size=batch_size, seed=config.seed, shard=shard)
+    prompt_config = PromptConfig.from_config(config.prompts) if "prompts" in config else None
+    return make_dataset(entries, data_config, batch_size=batch_size, seed=config.seed, shard=shard,
+                        prompt_config=prompt_config)

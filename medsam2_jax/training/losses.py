@@ -95,12 +95,14 @@ def frame_losses(pred_masks, pred_ious, object_score_logits, gt_masks, *, focal_
     }
 
 
-def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid=None, *, focal_alpha=0.25,
-              focal_gamma=2.0, weights=None) -> dict:
+def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid=None, *, frame_valid=None,
+              focal_alpha=0.25, focal_gamma=2.0, weights=None) -> dict:
     """SAM 2's loss over a clip. Returns the four terms and `core_loss`, their weighted sum.
 
     pred_masks (T, O, M, H, W) high-res mask logits; pred_ious (T, O, M); object_score_logits
     (T, O) or (T, O, 1); gt_masks (T, O, H, W) binary; object_valid (O,) bool, default all valid.
+    frame_valid (T, O) bool (or broadcastable): outputs that count; the train step stacks fixed
+    slots (conditioning frames, correction steps, tracked frames) and masks the unused ones.
     """
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     num_frames, num_objects = gt_masks.shape[:2]
@@ -108,6 +110,8 @@ def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid
     per_frame = jax.vmap(lambda m, i, s, g: frame_losses(m, i, s, g, focal_alpha=focal_alpha,
                                                          focal_gamma=focal_gamma, weights=weights))(
         pred_masks, pred_ious, object_score_logits, gt_masks)
+    if frame_valid is not None:
+        per_frame = {k: v * jnp.broadcast_to(frame_valid, v.shape).astype(jnp.float32) for k, v in per_frame.items()}
     count = jnp.maximum(valid.sum(), 1.0)
     losses = {k: jnp.sum(v * valid) / count for k, v in per_frame.items()}
     losses["core_loss"] = sum(weights[k] * losses[k] for k in LOSS_TERMS if weights[k] != 0)

@@ -1,0 +1,305 @@
+"""The jitted train step: SAM 2's training forward over a clip through the memory bank, its loss,
+and the optax update (`SAM2Train.forward` + `MultiStepMultiMasksAndIous`, sam2-architecture.md 6).
+
+Per clip (vmapped over clips, and over objects on shared image features):
+  1. every frame through the image encoder in one batch;
+  2. the conditioning frames (fixed slots, `cond_valid` masks the unused one), each prompted by
+     a GT mask (`use_mask_as_output`), or by a box/click followed by `num_correction_points`
+     error clicks, each step feeding the previous low-res logits back as the mask input; the
+     last step's mask is encoded into memory (sigmoid, as in training) and pinned;
+  3. a `lax.scan` over the frames in temporal order, each tracked from the bank (memory
+     attention over the pinned and recent memories and the object pointers), its memory written
+     to the recent ring; conditioning frames are skipped there (masked), as SAM 2 processes them
+     first. `jax.checkpoint` wraps each frame (config.remat), so the backward pass keeps one
+     frame's activations at a time plus the bank.
+Every output (each correction step included) gets the loss with all M masks (a single-mask
+output is repeated M times, which leaves best-of-M and the IoU mean unchanged); the loss is
+`losses.sam2_loss` over the stacked outputs, summed over frames, divided by the valid objects.
+
+Training-mode differences from the tracker's inference step (SAM2Train's `self.training`):
+memory masks are sigmoids, never binarised; pointers of all conditioning frames are used, not
+only past ones. Dropout and drop-path are not applied (our model functions have none).
+
+The tracker's bank is driven through `tracker.step`'s building blocks (memory_conditioned_features,
+write_cond, write_recent): `step` returns the chosen mask only, while the loss needs all M masks
+and their IoUs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medsam2_jax.model import layers, sam2
+from medsam2_jax.tracker import state as tracker_state
+from medsam2_jax.tracker.step import memory_conditioned_features
+from medsam2_jax.training import losses, prompts
+from medsam2_jax.training.optimizer import learning_rate_schedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def training_model_config(model_config):
+    """The model config as SAM2Train sees it in training mode."""
+    config = model_config.copy_and_resolve_references()
+    config.only_obj_ptrs_in_the_past_for_eval = False
+    return config
+
+
+def _frame(features, t):
+    hr = features["high_res_features"]
+    return (features["vision_features"][t][None], features["vision_pos_enc"],
+            None if hr is None else [h[t][None] for h in hr])
+
+
+def _to_loss_output(config, sam, multimask_output: bool):
+    """(M, S, S) high-res logits and (M,) IoUs of one object's decoder output, M = 3."""
+    m = config.mask_decoder.num_multimask_outputs
+    size = (config.image_size, config.image_size)
+    if multimask_output:
+        masks = layers.resize_bilinear(sam["low_res_multimasks"], size, antialias=False)[0]  # (S, S, M)
+        return jnp.moveaxis(masks, -1, 0).astype(jnp.float32), sam["ious"][0].astype(jnp.float32)
+    masks = jnp.broadcast_to(sam["high_res_masks"][0, :, :, 0], (m, *size)).astype(jnp.float32)
+    return masks, jnp.broadcast_to(sam["iou"][0], (m,)).astype(jnp.float32)
+
+
+def _sam_heads(params, config, pix, hr, points, labels, point_valid, mask_inputs, multimask):
+    """forward_sam_heads with a static or traced multimask flag; returns the state-side outputs
+    and the loss-side (masks, ious). A traced flag runs the decoder both ways and selects."""
+    def run(flag):
+        sam = sam2.forward_sam_heads(params, pix, config, point_coords=points[None], point_labels=labels[None],
+                                     mask_inputs=mask_inputs, high_res_features=hr, multimask_output=flag,
+                                     point_mask=point_valid[None])
+        return sam, _to_loss_output(config, sam, flag)
+    if isinstance(multimask, bool):
+        return run(multimask)
+    (a, la), (b, lb) = run(True), run(False)
+    pick = lambda x, y: jnp.where(multimask, x, y)  # noqa: E731
+    keys = ("low_res_masks", "high_res_masks", "iou", "obj_ptr", "object_score_logits")
+    return {k: pick(a[k], b[k]) for k in keys}, jax.tree.map(pick, la, lb)
+
+
+def _use_multimask(config, num_points):
+    return config.multimask_output_in_sam & (config.multimask_min_pt_num <= num_points) & (
+        num_points <= config.multimask_max_pt_num)
+
+
+def _cond_object(params, config, pcfg, state, frame, frame_idx, write, kind, points, labels, gt, key, num_corrections):
+    """One object on one conditioning frame: prompt, corrections, memory, pinned in the bank.
+
+    points (2, 2), labels (2,) from the simulated prompt; gt (S, S). Returns the state and the
+    loss outputs of every step: masks (K, M, S, S), ious (K, M), scores (K,), step_valid (K,)
+    with K = 1 + num_corrections (correction steps in a lax.scan: one compiled decoder pair)."""
+    vf, _, hr = frame
+    is_mask = kind == prompts.MASK
+    total = 2 + num_corrections
+    pts = jnp.zeros((total, 2), jnp.float32).at[:2].set(points)
+    lab = -jnp.ones((total,), jnp.int32).at[:2].set(labels)
+    pix = sam2.add_no_mem_embed(params, vf)
+    sam, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, None, _use_multimask(config, (lab >= 0).sum()))
+    # A mask prompt is the output itself (use_mask_as_output); it gets no corrections.
+    mask_out = sam2.use_mask_as_output(params, vf, hr, gt.astype(jnp.float32)[None, :, :, None], config)
+    mask_loss = _to_loss_output(config, mask_out, False)
+    first = (jnp.where(is_mask, mask_loss[0], loss_out[0]), jnp.where(is_mask, mask_loss[1], loss_out[1]),
+             jnp.where(is_mask, mask_out["object_score_logits"][0, 0], sam["object_score_logits"][0, 0]),
+             jnp.asarray(True))
+    keys = ("low_res_masks", "high_res_masks", "obj_ptr", "object_score_logits")
+    sam = {k: sam[k] for k in keys}
+    gt_bool = gt > 0
+
+    def correct(carry, xs):
+        sam, pts, lab = carry
+        index, sub = xs
+        xy, label, valid = prompts.correction_click(sub, gt_bool, sam["high_res_masks"][0, :, :, 0] > 0,
+                                                    pcfg.prob_from_gt)
+        valid = valid & ~is_mask
+        pts = pts.at[index].set(xy)
+        lab = lab.at[index].set(jnp.where(valid, label, -1))
+        new, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, sam["low_res_masks"],
+                                   _use_multimask(config, (lab >= 0).sum()))
+        new = {k: new[k] for k in keys}
+        return (new, pts, lab), (*loss_out, new["object_score_logits"][0, 0], ~is_mask)
+
+    outs = [jax.tree.map(lambda x: x[None], first)]
+    if num_corrections:
+        (sam, pts, lab), steps = jax.lax.scan(
+            correct, (sam, pts, lab), (2 + jnp.arange(num_corrections), jax.random.split(key, num_corrections)))
+        outs.append(steps)
+    final = {k: jnp.where(is_mask, mask_out[k], sam[k]) for k in keys}
+    mem, _ = sam2.encode_new_memory(params, vf, final["high_res_masks"], final["object_score_logits"], ~is_mask,
+                                    config, training=True)
+    state = tracker_state.write_cond(state, frame_idx, mem[0], final["obj_ptr"][0], final["low_res_masks"][0],
+                                     final["object_score_logits"][0], write=write)
+    masks, ious, scores, step_valid = (jnp.concatenate(x) for x in zip(*outs))
+    return state, (masks, ious, scores, step_valid & write)
+
+
+def _track_object(params, config, state, frame, frame_idx, num_frames, is_cond):
+    """One object on a frame tracked from memory; its memory enters the recent ring."""
+    vf, pos, hr = frame
+    multimask = bool(config.multimask_output_in_sam and config.multimask_output_for_tracking
+                     and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
+    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, False)
+    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
+    mem, _ = sam2.encode_new_memory(params, vf, sam["high_res_masks"], sam["object_score_logits"], False, config,
+                                    training=True)
+    state = tracker_state.write_recent(state, frame_idx, mem[0], sam["obj_ptr"][0], write=~is_cond)
+    masks, ious = _to_loss_output(config, sam, multimask)
+    return state, (masks, ious, sam["object_score_logits"][0, 0], sam["high_res_masks"][0, :, :, 0])
+
+
+def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, num_corrections: int, remat=True):
+    """One clip, all objects. `features` holds this clip's T frames; `clip` one record of the
+    batch (data.py + prompts.py fields). Returns per-output arrays stacked as
+    (F, N, ...) with F = C * (1 + num_corrections) + T, and the tracked frames' chosen masks."""
+    masks_gt = clip["masks"]  # (T, N, S, S)
+    num_frames, n = masks_gt.shape[:2]
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
+                         tracker_state.init_state(config, tracker_config))
+
+    def cond_slot(st, xs):
+        t, write, points, labels, k = xs
+        frame = _frame(features, t)
+        cond = functools.partial(_cond_object, params, config, pcfg, frame=frame, frame_idx=t, write=write,
+                                 kind=clip["prompt_kind"], num_corrections=num_corrections)
+        fn = lambda s_, p_, l_, g_, k_: cond(state=s_, points=p_, labels=l_, gt=g_, key=k_)  # noqa: E731
+        st, out = jax.vmap(fn)(st, points, labels, masks_gt[t], jax.random.split(k, n))
+        return st, (out, masks_gt[t])
+
+    if remat:
+        cond_slot = jax.checkpoint(cond_slot)
+    num_cond = clip["cond_frames"].shape[0]
+    state, ((cm, ci, cs, cv), cgt) = jax.lax.scan(
+        cond_slot, state, (clip["cond_frames"], clip["cond_valid"], clip["prompt_points"], clip["prompt_labels"],
+                           jax.random.split(key, num_cond)))
+    # (C, N, K, ...) -> (C*K, N, ...): one loss output per conditioning frame and step.
+    per_step = lambda x: jnp.moveaxis(x, 2, 1).reshape(-1, *x.shape[1:2], *x.shape[3:])  # noqa: E731
+    cm, ci, cs, cv = per_step(cm), per_step(ci), per_step(cs), per_step(cv)
+    cgt = jnp.repeat(cgt, 1 + num_corrections, axis=0)
+
+    is_cond_frame = jnp.any((clip["cond_frames"][None] == jnp.arange(num_frames)[:, None]) & clip["cond_valid"][None],
+                            axis=1)
+
+    def body(st, t):
+        frame = _frame(features, t)
+        track = lambda s_: _track_object(params, config, s_, frame, t, num_frames, is_cond_frame[t])  # noqa: E731
+        return jax.vmap(track)(st)
+
+    if remat:
+        body = jax.checkpoint(body)
+    state, (m, i, s, chosen) = jax.lax.scan(body, state, jnp.arange(num_frames))
+    tracked_valid = jnp.broadcast_to(~is_cond_frame[:, None], (num_frames, n))
+    masks = jnp.concatenate([cm, m])
+    ious = jnp.concatenate([ci, i])
+    scores = jnp.concatenate([cs, s])
+    valid = jnp.concatenate([cv, tracked_valid])
+    gt = jnp.concatenate([cgt, masks_gt])
+    return {"masks": masks, "ious": ious, "scores": scores, "valid": valid, "gt": gt,
+            "tracked_masks": chosen, "tracked_valid": tracked_valid}
+
+
+def dice_score(pred, gt, valid):
+    """Mean Dice of binary (..., S, S) masks over `valid` entries; empty vs empty counts as 1."""
+    pred, gt = pred.astype(jnp.float32), gt.astype(jnp.float32)
+    inter = (pred * gt).sum((-2, -1))
+    total = pred.sum((-2, -1)) + gt.sum((-2, -1))
+    dice = jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1.0), 1.0)
+    valid = valid.astype(jnp.float32)
+    return jnp.sum(dice * valid) / jnp.maximum(valid.sum(), 1.0)
+
+
+def batch_forward(params, config, tracker_config, pcfg, batch, key, *, num_corrections, compute_dtype=jnp.float32,
+                  remat=True):
+    """Every clip of a batch: image features for all B*T frames at once, then clip_forward."""
+    images = batch["image"]  # (B, T, S, S) grey in [0, 1]
+    b, t, s = images.shape[:3]
+    rgb = jnp.broadcast_to(images.reshape(b * t, s, s, 1), (b * t, s, s, 3))
+    cparams = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    feats = sam2.forward_image(cparams, sam2.preprocess(rgb, config).astype(compute_dtype), config)
+    unflat = lambda x: x.reshape(b, t, *x.shape[1:])  # noqa: E731
+    per_clip = {"vision_features": unflat(feats["vision_features"]),
+                "high_res_features": None if feats["high_res_features"] is None else
+                [unflat(h) for h in feats["high_res_features"]]}
+    pos = feats["vision_pos_enc"]
+    clip_keys = jax.random.split(key, b)
+    fields = ("masks", "cond_frames", "cond_valid", "prompt_kind", "prompt_points", "prompt_labels")
+
+    def one(f, clip, k):
+        f = dict(f, vision_pos_enc=pos)
+        return clip_forward(cparams, config, tracker_config, pcfg, f, clip, k, num_corrections=num_corrections,
+                            remat=remat)
+
+    return jax.vmap(one)(per_clip, {k: batch[k] for k in fields}, clip_keys)
+
+
+def _flatten_objects(x):
+    """(B, F, N, ...) -> (F, B*N, ...)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def loss_fn(params, config, tracker_config, pcfg, loss_kwargs, batch, key, *, num_corrections, compute_dtype, remat):
+    out = batch_forward(params, config, tracker_config, pcfg, batch, key, num_corrections=num_corrections,
+                        compute_dtype=compute_dtype, remat=remat)
+    object_valid = batch["object_valid"].reshape(-1)
+    terms = losses.sam2_loss(_flatten_objects(out["masks"]), _flatten_objects(out["ious"]),
+                             _flatten_objects(out["scores"]), _flatten_objects(out["gt"]), object_valid,
+                             frame_valid=_flatten_objects(out["valid"]), **loss_kwargs)
+    tracked_valid = out["tracked_valid"] & batch["object_valid"][:, None, :]
+    terms["train_dice"] = dice_score(out["tracked_masks"] > 0, batch["masks"] > 0, tracked_valid)
+    return terms["core_loss"], terms
+
+
+class Steps:
+    """The jitted train and eval steps for one training config (built once, reused)."""
+
+    def __init__(self, config, tracker_config=None, *, state_shardings=None, batch_sharding=None):
+        from medsam2_jax.tracker.config import get_tracker_config
+
+        self.config = config
+        self.model_config = training_model_config(config.model_config)
+        self.tracker_config = tracker_config or get_tracker_config()
+        self.prompt_config = prompts.PromptConfig.from_config(config.prompts)
+        if self.tracker_config.max_cond_frames < self.prompt_config.num_init_cond_frames:
+            raise ValueError("tracker max_cond_frames must hold prompts.num_init_cond_frames")
+        self.schedule = learning_rate_schedule(config)
+        common = dict(compute_dtype=DTYPES[config.compute_dtype], remat=config.remat)
+        self._loss = functools.partial(loss_fn, config=self.model_config, tracker_config=self.tracker_config,
+                                       pcfg=self.prompt_config, loss_kwargs=losses.weights_from_config(config.loss),
+                                       **common)
+        self._num_corrections = config.prompts.num_correction_points
+        jit_kwargs = {}
+        if state_shardings is not None:
+            jit_kwargs = dict(in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None))
+        self.train_step = jax.jit(self._train_step, donate_argnums=0, **jit_kwargs)
+        eval_kwargs = {}
+        if state_shardings is not None:
+            eval_kwargs = dict(in_shardings=(state_shardings.params, batch_sharding, None), out_shardings=None)
+        self.eval_step = jax.jit(self._eval_step, **eval_kwargs)
+
+    def _train_step(self, state, batch):
+        state, key = state.next_rng()
+        grad_fn = jax.value_and_grad(lambda p: self._loss(p, batch=batch, key=key,
+                                                          num_corrections=self._num_corrections), has_aux=True)
+        (_, metrics), grads = grad_fn(state.params)
+        trainable = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, self._frozen(state.params))
+        metrics["grad_norm"] = optax.global_norm(trainable)
+        metrics["lr"] = self.schedule(state.step)
+        return state.apply_gradients(grads), metrics
+
+    def _frozen(self, params):
+        from medsam2_jax.training.optimizer import param_groups
+
+        return param_groups(params, self.config).frozen
+
+    def _eval_step(self, params, batch, key):
+        """Losses and tracked-frame Dice without corrections (the simulated prompts only)."""
+        _, metrics = self._loss(params, batch=batch, key=key, num_corrections=0)
+        return metrics
+
+
+def make_steps(config, tracker_config=None, **kwargs) -> Steps:
+    return Steps(config, tracker_config, **kwargs)
