@@ -1,0 +1,138 @@
+"""One-Prompt 2D segmentation (memory-bank.md section 5).
+
+A list of unrelated 2D images of one task is tracked as a pseudo-video: the template (frame 0)
+carries the prompt and becomes a pinned conditioning entry; every other image is segmented from
+memory alone and, under `self_sorting`, may enter the bank. Images may have any size and be grey
+or RGB; each is scaled to [0, 1] by its own min and max [choice: medical intensities have no
+common range], resized to the model resolution, and its mask comes back at its own size.
+
+    masks = segment_one_prompt(images, template, {"box": [x0, y0, x1, y1]}, params=p, config=c)
+
+`segment_one_prompt_batch` runs several such streams (equal lengths) in parallel with `vmap`;
+`one_prompt_scan` is the pure function underneath (prompt step, then `lax.scan` of `step`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medsam2_jax.model import layers, sam2
+from medsam2_jax.tracker import config as tracker_config_lib
+from medsam2_jax.tracker import step as step_lib
+from medsam2_jax.tracker.policies import make_policy
+from medsam2_jax.tracker.prompts import make_prompt
+from medsam2_jax.tracker.state import init_state
+
+
+def one_prompt_scan(params, config, policy, frames, prompt):
+    """frames (N+1, S, S, 3) normalised, template first; prompt a `Prompt`.
+
+    Returns (final state, outputs of frames 1..N with a leading frame axis: low_res_masks,
+    object_score_logits, bank_frames, ...) and the template's low-res mask logits.
+    """
+    n = frames.shape[0]
+    feats = jax.lax.map(lambda x: sam2.forward_image(params, x[None], config), frames)
+    frame = lambda i: {
+        "vision_features": feats["vision_features"][i, 0],
+        "vision_pos_enc": feats["vision_pos_enc"][0],
+        "high_res_features": None if feats["high_res_features"] is None else [h[i, 0] for h in feats["high_res_features"]],
+    }
+    state = init_state(config, policy.tracker_config, policy)
+    state, first = step_lib.step(params, config, state, frame(0), 0, n, False, prompt, policy=policy)
+
+    def body(st, i):
+        return step_lib.track_frame(params, config, st, frame(i), i, n, False, True, policy)
+
+    state, outs = jax.lax.scan(body, state, jnp.arange(1, n))
+    return state, outs, first["low_res_masks"]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config_json, tracker_json, batched):
+    import ml_collections
+
+    config = ml_collections.ConfigDict(__import__("json").loads(config_json))
+    tc = ml_collections.ConfigDict(__import__("json").loads(tracker_json))
+    tracker_config_lib.check(tc, config)
+    policy = make_policy(config, tc)
+    fn = lambda params, frames, prompt: one_prompt_scan(params, config, policy, frames, prompt)
+    if batched:
+        fn = jax.vmap(fn, in_axes=(None, 0, 0))
+    return jax.jit(fn)
+
+
+def prepare_image(image, image_size, config):
+    """Any 2D image (H, W) or (H, W, C) -> (S, S, 3) ImageNet-normalised, and its (H, W)."""
+    x = np.asarray(image, np.float32)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    x = x[..., :3]
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    small = layers.resize_bilinear(jnp.asarray(x)[None], (image_size, image_size), antialias=True)[0]
+    return np.asarray(sam2.preprocess(small, config)), x.shape[:2]
+
+
+def _prompt(prompt, hw, config, tracker_config):
+    """Template-pixel prompt (points/labels/box/mask) -> a `Prompt` in model pixels."""
+    h, w = hw
+    s = config.image_size
+    scale = np.array([s / w, s / h], np.float32)
+    pts = None if prompt.get("points") is None else np.asarray(prompt["points"], np.float32).reshape(-1, 2) * scale
+    box = None if prompt.get("box") is None else (np.asarray(prompt["box"], np.float32).reshape(2, 2) * scale).reshape(4)
+    mask = prompt.get("mask")
+    if mask is not None:
+        m = layers.resize_bilinear(jnp.asarray(mask, jnp.float32)[None, :, :, None], (s, s), antialias=True)
+        mask = (np.asarray(m[0]) >= 0.5).astype(np.float32)
+    return make_prompt(s, tracker_config.max_points, points=pts, labels=prompt.get("labels"), box=box, mask=mask)
+
+
+def _masks(low_res, sizes):
+    out = []
+    for logits, hw in zip(low_res, sizes):
+        up = layers.resize_bilinear(jnp.asarray(logits)[None], hw, antialias=False)[0, ..., 0]
+        out.append(np.asarray(up) > 0)
+    return out
+
+
+def _stream(images, template_image, prompt, config, tracker_config):
+    prepared = [prepare_image(x, config.image_size, config) for x in [template_image, *images]]
+    frames = np.stack([p[0] for p in prepared])
+    return frames, _prompt(prompt, prepared[0][1], config, tracker_config), [p[1] for p in prepared[1:]]
+
+
+def segment_one_prompt(images, template_image, prompt, *, params, config, tracker_config=None,
+                       return_outputs=False):
+    """Boolean masks, one per image at its own size, from one prompted template.
+
+    prompt: a dict with any of `points` (N, 2) xy + `labels` (N,), `box` (x0, y0, x1, y1) in
+    template pixels, or `mask` (H, W) of the template. With `return_outputs`, also the per-image
+    outputs (object scores, which frames the bank held after each image, ...).
+    """
+    tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
+    frames, p, sizes = _stream(images, template_image, prompt, config, tracker_config)
+    fn = _compiled(config.to_json(), tracker_config.to_json(), False)
+    _, outs, _ = fn(params, frames, p)
+    outs = jax.tree.map(np.asarray, outs)
+    masks = _masks(outs["low_res_masks"], sizes)
+    return (masks, outs) if return_outputs else masks
+
+
+def segment_one_prompt_batch(streams, *, params, config, tracker_config=None):
+    """Several (images, template_image, prompt) streams of equal length, run in parallel (vmap)."""
+    tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
+    prepared = [_stream(*s, config, tracker_config) for s in streams]
+    if len({len(p[2]) for p in prepared}) != 1:
+        raise ValueError("batched streams must hold the same number of images")
+    frames = np.stack([p[0] for p in prepared])
+    prompts = jax.tree.map(lambda *xs: np.stack(xs), *[p[1] for p in prepared])
+    fn = _compiled(config.to_json(), tracker_config.to_json(), True)
+    _, outs, _ = fn(params, frames, prompts)
+    low = np.asarray(outs["low_res_masks"])
+    return [_masks(low[b], p[2]) for b, p in enumerate(prepared)]
