@@ -9,7 +9,9 @@ official fine-tune has none) and leave embeddings out of weight decay by default
 
 Variants:
   sam2.1_tiny, sam2.1_small, sam2.1_base_plus, sam2.1_large, medsam2   fine-tuning recipes
-  test                                                                 tiny model, tiny clips, for tests
+  test                                                                 10M test model, tiny clips, for tests
+  test_tiny                                                            test model cut down (64 px, one
+                                                                       decoder / memory layer): fast compiles
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ SHARDING_RULES = (
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = "test" if variant == "test" else variant
+    c.model = "test" if variant in ("test", "test_tiny") else variant
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
     c.seed = 123
@@ -136,7 +138,7 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
 
     if variant == "medsam2":
         c.data.clip_length = 8
-    elif variant == "test":
+    elif variant in ("test", "test_tiny"):
         c.data.clip_length = 3
         c.data.objects_per_clip = 2
         c.batch_size = 2
@@ -151,6 +153,15 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
         c.prompts.num_correction_points = 1
         c.log_every = 1
         c.eval_every = 5
+        if variant == "test_tiny":
+            m = c.model_config
+            m.name = "test_tiny"
+            m.image_size = c.data.image_size = 64
+            m.mask_decoder.transformer_depth = 1
+            m.mask_decoder.transformer_mlp_dim = 256
+            m.memory_attention.num_layers = 1
+            m.memory_attention.dim_feedforward = 256
+            c.prompts.num_correction_points = 1
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
     return c
