@@ -2,6 +2,7 @@
 
     medsam2-jax demo                                               segment a real volume end to end
     medsam2-jax segment CT.nii.gz --box 80,90,140,150@45 --out seg.nii.gz [--checkpoint DIR]
+    medsam2-jax segment-2d TEMPLATE.png IMG1.png IMG2.tif ... --box 10,20,60,80 --out-dir masks/
     medsam2-jax convert IN.pt OUT_DIR --config sam2.1_tiny        official checkpoint -> ours
     medsam2-jax convert OUT_DIR OUT.pt --config sam2.1_tiny --to-torch
 
@@ -206,6 +207,65 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _parse_xy(text: str, what: str, n: int) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+        if len(values) != n:
+            raise ValueError
+        return values
+    except ValueError:
+        raise UserError(f"cannot read {what} {text!r}; expected {'X0,Y0,X1,Y1' if n == 4 else 'X,Y'}") from None
+
+
+def cmd_segment_2d(args) -> int:
+    """One-Prompt 2D: the template's prompt segments every other image from memory alone."""
+    from PIL import Image
+
+    from medsam2_jax.one_prompt import segment_one_prompt
+    from medsam2_jax.tracker.config import get_tracker_config
+    from medsam2_jax.volumes.io import load_image_2d
+    from medsam2_jax.volumes.output import atomic_path, check_output_folder
+
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        raise UserError(f"the output folder {out_dir} does not exist; create it first")
+    check_output_folder(out_dir / "probe.png")
+    template = load_image_2d(args.template)
+    images = [load_image_2d(p) for p in args.images]
+    h, w = template.shape[:2]
+    prompt = {}
+    if args.box:
+        x0, y0, x1, y1 = _parse_xy(args.box, "--box", 4)
+        if x1 <= x0 or y1 <= y0:
+            raise UserError(f"--box {args.box} has zero area; give X0 < X1 and Y0 < Y1")
+        prompt["box"] = [x0, y0, x1, y1]
+    clicks = [(_parse_xy(t, "--point", 2), 1) for t in args.point or []]
+    clicks += [(_parse_xy(t, "--neg-point", 2), 0) for t in args.neg_point or []]
+    if clicks:
+        prompt["points"] = [xy for xy, _ in clicks]
+        prompt["labels"] = [label for _, label in clicks]
+    if args.mask:
+        mask = load_image_2d(args.mask)
+        mask = (mask if mask.ndim == 2 else mask[..., 0]) > 0
+        if mask.shape != (h, w) or not mask.any():
+            raise UserError(f"--mask {args.mask} must be a non-empty mask of the template's size {w}x{h}")
+        prompt["mask"] = mask
+    if not prompt:
+        raise UserError("give the template a prompt: --box, --point or --mask")
+    for x, y in [xy for xy, _ in clicks] + ([prompt["box"][:2], prompt["box"][2:]] if args.box else []):
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise UserError(f"prompt point ({x:g}, {y:g}) lies outside the {w}x{h} template")
+    params, config, checkpoint = _model(args)
+    masks = segment_one_prompt(images, template, prompt, params=params, config=config,
+                               tracker_config=get_tracker_config(memory_policy=args.policy))
+    for src, mask in zip(args.images, masks):
+        target = out_dir / (Path(src).name.split(".")[0] + "_mask.png")
+        with atomic_path(target) as tmp:
+            Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
+        print(f"{src}: {int(mask.sum())} px -> {target}")
+    return 0
+
+
 DEMO_STRUCTURE = (77, "left thalamus")  # an AAL region of Colin27
 
 
@@ -307,6 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slice axis (default: the file's third axis)")
     model_options(q)
     q.set_defaults(func=cmd_segment)
+
+    t = sub.add_parser(
+        "segment-2d",
+        help="One-Prompt 2D: segment a set of images from one prompted template",
+        description="The template carries the prompt; every other image (any size, grey or RGB) is segmented "
+        "from the memory bank alone. Writes one binary mask PNG per image into --out-dir.",
+    )
+    t.add_argument("template", help="the prompted image (PNG, TIFF or JPEG)")
+    t.add_argument("images", nargs="+", help="the images to segment")
+    t.add_argument("--out-dir", required=True, help="an existing folder for the mask PNGs")
+    t.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box on the template, in its pixels")
+    t.add_argument("--point", action="append", metavar="X,Y", help="a foreground click on the template")
+    t.add_argument("--neg-point", action="append", metavar="X,Y", help="a background click on the template")
+    t.add_argument("--mask", help="a mask image of the template (non-zero = object)")
+    model_options(t)
+    t.set_defaults(func=cmd_segment_2d)
 
     d = sub.add_parser("demo", help="segment a real brain MRI (Colin27) from one box, end to end",
                        description="Runs the whole 3D pipeline on the Colin27 T1 (installed by scripts/install_data.sh): "

@@ -8,6 +8,7 @@ input answered with one line, exit status 2 and no output file left behind.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -183,3 +184,29 @@ def test_help_reads_well(capsys):
     text = capsys.readouterr().out
     for flag in ("--box", "--point", "--prompts", "--seed", "--checkpoint", "--window", "--policy", "--out"):
         assert flag in text
+
+
+def test_segment_2d_on_nuclei_crops(tmp_path, capsys, ckpt):
+    """One-Prompt 2D from the CLI on real fluorescence nuclei (stardist), any crop sizes."""
+    import tifffile
+    from PIL import Image
+
+    image_path, _ = datasets.stardist_nuclei()
+    img = tifffile.imread(image_path).astype(np.float32)
+    img = (255 * (img - img.min()) / (img.max() - img.min())).astype(np.uint8)
+    paths = []
+    for i, (y, x, h, w) in enumerate([(0, 0, 128, 128), (200, 100, 96, 160), (300, 300, 150, 120)]):
+        p = tmp_path / f"crop{i}.png"
+        Image.fromarray(img[y:y + h, x:x + w]).save(p)
+        paths.append(str(p))
+    out = tmp_path / "masks"
+    out.mkdir()
+    code, stdout, err = _run(["segment-2d", paths[0], *paths[1:], "--box", "20,20,70,70", "--out-dir", str(out),
+                              "--checkpoint", ckpt, "--config", "test", "--policy", "self_sorting"], capsys)
+    assert code == 0, err
+    for p, (h, w) in zip(paths[1:], [(96, 160), (150, 120)]):
+        mask = np.asarray(Image.open(out / (Path(p).stem + "_mask.png")))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+    code, _, err = _run(["segment-2d", paths[0], paths[1], "--box", "20,20,20,70", "--out-dir", str(out),
+                         "--config", "test"], capsys)
+    assert code == 2 and "zero area" in err
