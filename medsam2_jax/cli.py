@@ -5,6 +5,7 @@
     medsam2-jax segment-2d TEMPLATE.png IMG1.png IMG2.tif ... --box 10,20,60,80 --out-dir masks/
     medsam2-jax convert IN.pt OUT_DIR --config sam2.1_tiny        official checkpoint -> ours
     medsam2-jax convert OUT_DIR OUT.pt --config sam2.1_tiny --to-torch
+    medsam2-jax train --config configs/train.py:test --workdir runs/x [--config.num_steps=100]
 
 User errors print one line on stderr and exit with status 2 (no traceback).
 """
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(t)
     t.set_defaults(func=cmd_segment_2d)
 
+    sub.add_parser("train", help="train or fine-tune (see: medsam2-jax train --help)", add_help=False)
+
     d = sub.add_parser("demo", help="segment a real brain MRI (Colin27) from one box, end to end",
                        description="Runs the whole 3D pipeline on the Colin27 T1 (installed by scripts/install_data.sh): "
                        "one box on the left thalamus, forward and backward propagation, label NIfTI, montage, report.")
@@ -405,6 +408,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its ml_collections overrides (--config.a.b=v) need its own parser
+        from medsam2_jax.training.cli import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     USER_ERRORS = _user_errors()
     try:

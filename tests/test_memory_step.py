@@ -111,6 +111,11 @@ def test_own_policy_by_name_and_self_sorting_reads_like_every_past_frame():
     """self_sorting with conf_threshold 0, lambda_conf 0, tpos none and a bank that never fills
     tracks exactly like attending to every past frame (the policy written above): masks agree."""
     params, config, feats = model()
+    # Random weights leave the object score near zero; raise it so every frame passes the gate
+    # (object present) and the comparison below always covers all frames.
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    head = params["sam_mask_decoder"]["pred_obj_score_head"]["layers"][2]
+    head["bias"] = head["bias"] + 20.0
     register_policy("all_past", AllPast)
     outs = {}
     for name in ("all_past", "self_sorting"):
@@ -126,8 +131,7 @@ def test_own_policy_by_name_and_self_sorting_reads_like_every_past_frame():
             state, out = one(state, frame(feats, i), i)
             logits.append(np.asarray(out["low_res_masks"]))
             held = np.asarray(out["bank_frames"])
-            if name == "self_sorting" and float(out["object_score_logits"][0]) <= 0:
-                return  # the gate (object present) would not admit this frame: nothing to compare
+            assert float(np.ravel(out["object_score_logits"])[0]) > 0
         outs[name] = np.stack(logits)
     np.testing.assert_allclose(outs["self_sorting"], outs["all_past"], atol=1e-3)
     assert held.size == FRAMES
