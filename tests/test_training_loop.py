@@ -117,6 +117,8 @@ def test_correction_click_comes_from_the_error_region():
         assert bool(valid) and (gt ^ pred)[y, x] and int(label) == int(gt[y, x])
 
 
+# Compiling the train step takes about 2 minutes per process on 2 cores: slow until that drops.
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(manifest, env, tmp_path):
     """An uninterrupted run against one killed with SIGKILL twice at random steps and resumed:
     params bit-identical, the same clips at every step. Also checks the logs."""
@@ -149,6 +151,8 @@ def test_sigkill_and_resume_is_bit_identical(manifest, env, tmp_path):
     assert _clips_by_step(interrupted) == _clips_by_step(reference)
 
 
+# Compiling the train step takes about 2 minutes per process on 2 cores: slow until that drops.
+@pytest.mark.slow
 def test_bad_record_stops_with_the_file_name_or_is_skipped(manifest, env, tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = manifest.read_text().splitlines()
@@ -214,6 +218,8 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
+# Compiling the train step takes about 2 minutes per process on 2 cores: slow until that drops.
+@pytest.mark.slow
 def test_sharded_train_step_matches_one_device(env):
     """8 simulated devices, data 2 x fsdp 4, two steps of the real train step against one device.
 
@@ -245,6 +251,8 @@ TWO_PROCESSES = textwrap.dedent(
 )
 
 
+# Compiling the train step takes about 2 minutes per process on 2 cores: slow until that drops.
+@pytest.mark.slow
 def test_two_processes_train_together(manifest, env, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
