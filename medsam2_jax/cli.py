@@ -171,13 +171,30 @@ def _progress_bar(total: int, unit: str):
     return tqdm(total=total, unit=unit, dynamic_ncols=True)
 
 
-def _write_outputs(volume, prompts, result, out: Path, config, checkpoint: str, args):
+def params_sha256(params) -> str:
+    """A digest of the weights themselves (path order, dtype, shape, bytes): what the sidecar records."""
+    import hashlib
+
+    import jax
+
+    from medsam2_jax.convert.checkpoint import flatten_params
+
+    h = hashlib.sha256()
+    for path, leaf in sorted(flatten_params(jax.device_get(params)).items()):
+        a = np.ascontiguousarray(leaf)
+        h.update(f"{path}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _write_outputs(volume, prompts, result, out: Path, config, checkpoint: str, args, params):
     from medsam2_jax.volumes.montage import write_montage
     from medsam2_jax.volumes.output import write_segmentation
 
     paths = write_segmentation(volume, result.labels, out, prompts=prompts, config_name=config.name,
-                               checkpoint_hash=checkpoint, slice_object_scores=result.slice_scores,
-                               probabilities=np.moveaxis(result.probabilities, 0, -1) if args.probabilities else None)
+                               checkpoint_hash=params_sha256(params), slice_object_scores=result.slice_scores,
+                               probabilities=np.moveaxis(result.probabilities, 0, -1) if args.probabilities else None,
+                               extra={"checkpoint": checkpoint, "memory_policy": args.policy})
     if not args.no_montage:
         paths["montage"] = write_montage(volume, result.labels, _montage_path(out), prompts=prompts,
                                          title=f"{Path(volume.source_path).name}: {config.name}, {checkpoint}")
@@ -202,7 +219,7 @@ def cmd_segment(args) -> int:
     prompts = _prompts(args, volume)
     params, config, checkpoint = _model(args)
     result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
-    paths = _write_outputs(volume, prompts, result, out, config, checkpoint, args)
+    paths = _write_outputs(volume, prompts, result, out, config, checkpoint, args, params)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -293,7 +310,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
     seconds = time.perf_counter() - t0
-    paths = _write_outputs(volume, prompts, result, out_dir / "demo_labels.nii.gz", config, checkpoint, args)
+    paths = _write_outputs(volume, prompts, result, out_dir / "demo_labels.nii.gz", config, checkpoint, args, params)
     pred = result.labels == 1
     dice = 2 * (pred & target).sum() / max(pred.sum() + target.sum(), 1)
     report = "\n".join([

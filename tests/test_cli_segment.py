@@ -49,6 +49,8 @@ def test_forward_backward_multi_object_on_lsa_volume(tmp_path, capsys, ckpt):
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
     assert nib.aff2axcodes(seg.affine) == nib.aff2axcodes(ref.affine) == ("L", "S", "A")
     sidecar = json.loads((tmp_path / "seg.json").read_text())
+    _, params, _ = reference_image_model("test")
+    assert sidecar["checkpoint_sha256"] == cli.params_sha256(params) and sidecar["checkpoint"] == ckpt
     scores = sidecar["slice_object_scores"]
     assert set(scores) == {"1", "2"}
     # Forward and backward passes: every slice along the prompt axis has an object score.

@@ -123,7 +123,7 @@ def write_sidecar(path: str | Path, volume: Volume, *, prompts: VolumePrompts, c
 def write_segmentation(volume: Volume, labels: np.ndarray, out_path: str | Path, *, prompts: VolumePrompts,
                        config_name: str, checkpoint_hash: str | None,
                        slice_object_scores: Mapping[int, Sequence[float]] | None = None,
-                       probabilities: np.ndarray | None = None) -> dict[str, Path]:
+                       probabilities: np.ndarray | None = None, extra: Mapping | None = None) -> dict[str, Path]:
     """Labels at `out_path`, optional probabilities and the sidecar beside it; all or nothing."""
     out_path = check_output_folder(out_path)
     paths = {"labels": out_path, "sidecar": sidecar_path(out_path)}
@@ -135,7 +135,8 @@ def write_segmentation(volume: Volume, labels: np.ndarray, out_path: str | Path,
         if probabilities is not None:
             written.append(write_probabilities(volume, probabilities, paths["probabilities"]))
         write_sidecar(paths["sidecar"], volume, prompts=prompts, config_name=config_name,
-                      checkpoint_hash=checkpoint_hash, slice_object_scores=slice_object_scores, outputs=paths)
+                      checkpoint_hash=checkpoint_hash, slice_object_scores=slice_object_scores, outputs=paths,
+                      extra=extra)
     except BaseException:
         for path in written:  # a half set of outputs would pass for a whole run
             path.unlink(missing_ok=True)
