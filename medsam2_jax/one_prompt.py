@@ -15,9 +15,11 @@ common range], resized to the model resolution, and its mask comes back at its o
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from medsam2_jax.model import layers, sam2
@@ -53,10 +55,9 @@ def one_prompt_scan(params, config, policy, frames, prompt):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(config_json, tracker_json, batched):
-    import ml_collections
-
-    config = ml_collections.ConfigDict(__import__("json").loads(config_json))
-    tc = ml_collections.ConfigDict(__import__("json").loads(tracker_json))
+    """One jitted scan per (model config, tracker config), keyed by their JSON (ConfigDicts do not hash)."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    tc = ml_collections.ConfigDict(json.loads(tracker_json))
     tracker_config_lib.check(tc, config)
     policy = make_policy(config, tc)
     fn = lambda params, frames, prompt: one_prompt_scan(params, config, policy, frames, prompt)
