@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="device for the official model (cpu or cuda)")
+    ap.add_argument("--max-cond-frames", type=int, default=4,
+                    help="our cond slots (empty slots cost attention compute: 1 fits a single prompt)")
     args = ap.parse_args()
 
     import numpy as np
@@ -62,7 +64,7 @@ def main() -> None:
             sync()
             return (time.perf_counter() - t0) / len(out), st
 
-    ours = VideoPredictor(params, config, get_tracker_config())
+    ours = VideoPredictor(params, config, get_tracker_config(max_cond_frames=args.max_cond_frames))
 
     def run_ours():
         st = ours.init_state(frames, normalized=True)
@@ -96,7 +98,7 @@ def main() -> None:
     import jax
 
     print(f"\n{args.config} at {s} px, {args.frames} frames, one click, float32; official on {args.device}, "
-          f"ours on {jax.devices()[0].platform}; median of {args.repeats}")
+          f"ours on {jax.devices()[0].platform} with {args.max_cond_frames} cond slots; median of {args.repeats}")
     print(f"{'predictor':30s} {'s / frame':>10s} {'MB kept / frame':>16s}")
     for name, t, st in rows:
         print(f"{name:30s} {t:10.3f} {stored_bytes(st) / 2**20:16.2f}")

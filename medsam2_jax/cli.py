@@ -137,7 +137,9 @@ def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
     from medsam2_jax.tracker.predictor import VideoPredictor
     from medsam2_jax.volumes.segment import segment_volume, segment_volume_multi_orientation
 
-    tracker_config = get_tracker_config(memory_policy=args.policy)
+    # As many cond slots as the most-prompted object needs: empty slots still cost attention.
+    cond_slots = max(len(prompts.prompted_slices(o)) for o in prompts.object_ids)
+    tracker_config = get_tracker_config(memory_policy=args.policy, max_cond_frames=cond_slots)
     predictor = VideoPredictor(params, config, tracker_config)
     total = 2 * prompts.num_slices
     if args.multi_orientation:
