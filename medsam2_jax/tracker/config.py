@@ -6,6 +6,7 @@ holds its memories and schedules the work. `get_tracker_config()` gives the defa
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 POLICIES = ("fifo", "self_sorting", "medsam2_released")  # built in; `policies.register_policy` adds more
@@ -38,7 +39,9 @@ def get_tracker_config(**overrides) -> ml_collections.ConfigDict:
     # on one executable and device memory does not grow with the number of frames.
     c.chunk_size = 8
     # Frames per image-encoder batch inside a chunk (must divide chunk_size).
-    c.feature_batch_size = 4
+    # On the CPU one frame at a time is faster (measured: 0.45 s against 0.54 s per 512-px frame
+    # in batches of 4, benchmarks/RESULTS.md); accelerators want batches.
+    c.feature_batch_size = 1 if jax.default_backend() == "cpu" else 4
     c.update(overrides)
     return c
 
