@@ -143,7 +143,8 @@ def _atomic(path: Path, write) -> None:
 
 def torch_to_params(state: dict[str, np.ndarray], config, source: str = "checkpoint"):
     """Official state dict -> (our params, manifest entries). Strict: any mismatch raises."""
-    template = flatten_params(abstract_params(config))
+    abstract = abstract_params(config)
+    template = flatten_params(abstract)
     converted, manifest, unused, bad_shape = {}, [], [], []
     for key, value in state.items():
         try:
@@ -186,7 +187,7 @@ def torch_to_params(state: dict[str, np.ndarray], config, source: str = "checkpo
         elif unused and set(unused) <= v21_only and config.version == "sam2":
             hint = " (a SAM 2.1 checkpoint with a SAM 2 config? use the sam2.1_* config)"
         raise CheckpointError(f"{source} does not fit config {name}: {'; '.join(parts)}{hint}")
-    params = unflatten_params(converted, abstract_params(config))
+    params = unflatten_params(converted, abstract)
     return params, manifest
 
 

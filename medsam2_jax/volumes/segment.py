@@ -134,10 +134,12 @@ def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids):
         prompted = np.asarray(sorted(prompts.prompted_slices(obj)))[None, :]
         d_fwd = np.where(prompted <= z, z - prompted, np.inf).min(axis=1)
         d_bwd = np.where(prompted >= z, prompted - z, np.inf).min(axis=1)
-        pick = lambda cond: cond[:, None, None]
         fwd, bwd = forward[:, j], backward[:, j]
-        tie = np.where(np.isfinite(d_fwd)[:, None, None], _mean_prob_logit(np.nan_to_num(fwd), np.nan_to_num(bwd)), 0)
-        merged[:, j] = np.where(pick(d_fwd < d_bwd), fwd, np.where(pick(d_bwd < d_fwd), bwd, tie))
+        merged[:, j] = np.where((d_fwd < d_bwd)[:, None, None], fwd, bwd)
+        # Equal distances (prompted slices, midpoints between two prompts): both passes reached
+        # the slice, so the mean is only computed where it is used.
+        tie = d_fwd == d_bwd
+        merged[tie, j] = _mean_prob_logit(fwd[tie], bwd[tie])
     return merged
 
 
