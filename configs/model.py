@@ -10,6 +10,9 @@ Variants:
   sam2.1_{tiny,small,base_plus,large}   SAM 2.1 (09/2024)
   medsam2                               SAM 2.1 tiny at 512 px (bowang-lab MedSAM2 fine-tunes)
   test, test_sam2                       10 M-parameter model at 256 px for fast tests
+  demo                                  the 5 M-parameter model trained here and shipped
+                                        (medsam2_jax/weights/medsam2_jax_demo): test trunk, one
+                                        decoder and one memory-attention layer, 128 px
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ SIZES = {
 }
 
 VARIANTS = tuple(
-    [f"sam2_{s}" for s in SIZES] + [f"sam2.1_{s}" for s in SIZES] + ["medsam2", "test", "test_sam2"]
+    [f"sam2_{s}" for s in SIZES] + [f"sam2.1_{s}" for s in SIZES] + ["medsam2", "test", "test_sam2", "demo"]
 )
 
 
@@ -168,7 +171,21 @@ def _test(version: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _demo() -> ml_collections.ConfigDict:
+    """Small enough to train on two CPU cores in well under an hour and to ship (about 21 MB)."""
+    c = _test("sam2.1")
+    c.name = "demo"
+    c.image_size = 128
+    c.mask_decoder.transformer_depth = 1
+    c.mask_decoder.transformer_mlp_dim = 256
+    c.memory_attention.num_layers = 1
+    c.memory_attention.dim_feedforward = 256
+    return c
+
+
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
+    if variant == "demo":
+        return _demo()
     if variant == "medsam2":
         c = _base("sam2.1", "tiny", 512)
         c.name = "medsam2"

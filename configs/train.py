@@ -12,6 +12,9 @@ Variants:
   test                                                                 10M test model, tiny clips, for tests
   test_tiny                                                            test model cut down (64 px, one
                                                                        decoder / memory layer): fast compiles
+  demo                                                                 the shipped demo model from scratch on
+                                                                       Colin27/AAL + MNI152 tissue, 2 CPU cores
+                                                                       (scripts/train_demo_model.py)
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             brightness=0.1,  # additive, in [0, 1] intensity units
             contrast=0.2,  # multiplicative about the clip mean: 1 +- contrast
             gamma=0.2,  # exponent exp(U(-gamma, gamma))
+            slice_flip_prob=0.0,  # reverse the slice order (the tracking direction)
         )
     )
 
@@ -162,6 +166,30 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             m.memory_attention.num_layers = 1
             m.memory_attention.dim_feedforward = 256
             c.prompts.num_correction_points = 1
+    elif variant == "demo":
+        # From scratch on two CPU cores: a plain AdamW recipe (no layer decay), one box/click/mask
+        # conditioning frame, as the demo is prompted, and both tracking directions.
+        c.data.clip_length = 8
+        c.data.objects_per_clip = 2
+        c.data.augment.slice_flip_prob = 0.5
+        c.data.augment.rotate_degrees = 15.0
+        c.data.augment.scale_range = (0.85, 1.15)
+        c.batch_size = 2
+        c.num_steps = 1400
+        c.lr = c.vision_lr = 5e-4
+        c.final_lr_ratio = 0.05
+        c.warmup_steps = 50
+        c.weight_decay = 0.05
+        c.layer_decay = 1.0
+        c.clip_norm = 1.0
+        c.checkpoint_every = 50
+        c.log_every = 10
+        c.async_checkpoints = False
+        c.prompts.num_init_cond_frames = 1
+        c.prompts.rand_init_cond_frames = False
+        c.prompts.prob_point_input = 0.8
+        c.prompts.prob_box_input = 0.7
+        c.prompts.num_correction_points = 1
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
     return c

@@ -124,3 +124,29 @@ def test_manager_from_config(config, tmp_path):
     manager = checkpointing.manager_from_config(tmp_path, config)
     assert manager.directory.name == "checkpoints"
     manager.close()
+
+
+def test_fine_tuning_starts_from_a_converted_checkpoint(tmp_path):
+    """`--init_checkpoint` (a `medsam2-jax convert` / `save_params` folder): the first state holds
+    those weights exactly, at step 0, laid out by the state shardings; a checkpoint for another
+    model is refused with a one-line CheckpointError."""
+    from medsam2_jax.convert.checkpoint import CheckpointError, save_params
+    from medsam2_jax.model.sam2 import init_params
+    from medsam2_jax.training.loop import initial_state
+
+    config = get_config("test_tiny")
+    params = jax.device_get(jax.jit(lambda: init_params(jax.random.key(7), config.model_config))())
+    save_params(params, tmp_path / "ckpt", config.model_config)
+    mesh = sharding.make_mesh((1, 1))
+    abstract = jax.eval_shape(lambda: params)
+    tx = make_optimizer(abstract, config)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), abstract)
+    shardings = sharding.state_shardings(abstract_state, tx, mesh, config.sharding_rules, min_size_mb=0.0)
+    state = initial_state(config, tx, shardings, str(tmp_path / "ckpt"))
+    assert int(state.step) == 0
+    _assert_trees_equal(state.params, params)
+    other = get_config("test_tiny")
+    other.model_config.memory_attention.num_layers = 2
+    with pytest.raises(CheckpointError, match="does not fit"):
+        initial_state(other, make_optimizer(jax.eval_shape(lambda: init_params(jax.random.key(0), other.model_config)),
+                                            other), None, str(tmp_path / "ckpt"))

@@ -1,5 +1,6 @@
 """grain input: manifests, clip sampling geometry, determinism, per-host shards, bad records."""
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -122,6 +123,29 @@ def test_clip_geometry_without_and_with_flip():
         **{**cfg.__dict__, "hflip_prob": 1.0}))
     assert int(flipped["start"]) == start
     np.testing.assert_allclose(flipped["image"], image[start:start + 4, :, ::-1], atol=1e-6)
+
+
+def test_slice_flip_tracks_the_other_way():
+    """slice_flip_prob=1: the clip runs through the volume in decreasing slice order, still
+    starting on a slice where the anchor object appears."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(size=SHAPE).astype(np.float32)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[5:12, 2:9, 10:20] = 3
+    cfg = data.ClipConfig(clip_length=4, objects_per_clip=1, image_size=24, slice_axis=0).without_augmentation()
+    clip = data.sample_clip(image, labels, np.random.default_rng(1), dataclasses.replace(cfg, slice_flip_prob=1.0))
+    first = SHAPE[0] - 1 - int(clip["start"])  # the first frame's slice in the volume's own order
+    np.testing.assert_allclose(clip["image"], image[first - 3 : first + 1][::-1], atol=1e-6)
+    np.testing.assert_array_equal(clip["masks"][:, 0], labels[first - 3 : first + 1][::-1] == 3)
+    assert clip["masks"][0, 0].any()
+
+
+def test_skip_mode_gives_up_when_nothing_reads(tmp_path):
+    """Skip mode over a manifest whose every entry fails stops with a clear error instead of
+    searching for a good record forever."""
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "gone.nii.gz", "label": "gone.nii.gz"}) + "\n")
+    with pytest.raises(data.DataError, match=r"in a row could not be read .*gone\.nii\.gz"):
+        _batches(_config(tmp_path / "m.jsonl", on_bad_record="skip"), 1)
 
 
 def test_augmented_clip_keeps_labels_with_image():

@@ -113,8 +113,10 @@ def forward_sam_heads(params, backbone_features, config, point_coords=None, poin
     point_mask (B, N) marks real points when prompts are padded to a fixed size.
 
     Returns a dict: low_res_masks (B, 4s, 4s, 1), high_res_masks (B, S, S, 1), iou (B,) of the
-    chosen mask, obj_ptr (B, 256), object_score_logits (B, 1); and for a static multimask flag
-    also low_res_multimasks (B, 4s, 4s, M) and ious (B, M).
+    chosen mask, obj_ptr (B, 256), object_score_logits (B, 1), and the candidates a loss scores:
+    low_res_multimasks and ious, (B, 4s, 4s, M) and (B, M) with multimask output, (B, 4s, 4s, 1)
+    and (B, 1) without. With a traced flag both are M wide, the single mask repeated M times
+    (which leaves a best-of-M loss and the IoU mean unchanged), so the decoder runs once.
     """
     b = backbone_features.shape[0]
     s = backbone_features.shape[1]
@@ -165,13 +167,15 @@ def forward_sam_heads(params, backbone_features, config, point_coords=None, poin
         "obj_ptr": _obj_ptr(params, token, obj_logits, config, is_obj),
         "object_score_logits": obj_logits,
     }
+    multi_masks = jnp.moveaxis(all_masks[:, 1:], 1, -1).astype(jnp.float32)
     if isinstance(multimask_output, bool):
         if multimask_output:
-            out["low_res_multimasks"] = jnp.moveaxis(all_masks[:, 1:], 1, -1).astype(jnp.float32)
-            out["ious"] = all_ious[:, 1:]
+            out["low_res_multimasks"], out["ious"] = multi_masks, all_ious[:, 1:]
         else:
-            out["low_res_multimasks"] = low_res
-            out["ious"] = iou[:, None]
+            out["low_res_multimasks"], out["ious"] = low_res, iou[:, None]
+    else:
+        out["low_res_multimasks"] = jnp.where(mm, multi_masks, jnp.broadcast_to(low_res, multi_masks.shape))
+        out["ious"] = jnp.where(mm, all_ious[:, 1:], jnp.broadcast_to(iou[:, None], all_ious[:, 1:].shape))
     return out
 
 

@@ -120,8 +120,9 @@ def _empty_mask_memory(params, config, vision_features):
     return _encode(params, config, vision_features, empty, jnp.ones((1, 1), jnp.float32), False)
 
 
-def _encode(params, config, vision_features, high_res_masks, score, from_points):
-    mem, _ = sam2.encode_new_memory(params, vision_features, high_res_masks, score, from_points, config)
+def _encode(params, config, vision_features, high_res_masks, score, from_points, training=False):
+    mem, _ = sam2.encode_new_memory(params, vision_features, high_res_masks, score, from_points, config,
+                                    training=training)
     return mem[0].astype(MEMORY_DTYPE)
 
 
@@ -168,11 +169,15 @@ def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames,
 
 
 def track_frame(params, config, state: TrackerState, features, frame_idx, num_frames, reverse, active=True,
-                policy=None):
+                policy=None, training: bool = False):
     """A frame without a new prompt: track from memory, or replay a conditioning frame.
 
     The new memory is offered to the policy as an `Entry`; outputs add `bank_frames`, the frame
     held in each of the policy's slots after the write (-1: empty).
+
+    `training` (static) is SAM2Train's training mode: the memory is encoded from the sigmoid of
+    the mask (never binarised), and the outputs add `sam`, the decoder's candidates for the loss:
+    `low_res_multimasks` (4s, 4s, M') and `ious` (M',), M' = M with multimask output, else 1.
     """
     policy = _policy(config, state, policy)
     vf, pos, hr = _batch1(features)
@@ -180,7 +185,7 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     multimask = (config.multimask_output_in_sam and config.multimask_output_for_tracking
                  and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
     sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
-    mem = _encode(params, config, vf, sam["high_res_masks"], sam["object_score_logits"], False)
+    mem = _encode(params, config, vf, sam["high_res_masks"], sam["object_score_logits"], False, training)
 
     same = state.cond_valid & (state.cond_frame == frame_idx)
     replay, cslot = same.any(), jnp.argmax(same)
@@ -195,6 +200,8 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
                   object_score=sam["object_score_logits"][0, 0], image_features=vf[0], conditioned_features=pix[0])
     state = policy.write(state, entry, jnp.asarray(active) & ~replay)
     out["bank_frames"] = policy.held_frames(state)
+    if training:
+        out["sam"] = {"low_res_multimasks": sam["low_res_multimasks"][0], "ious": sam["ious"][0]}
     return state, out
 
 

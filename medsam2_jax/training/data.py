@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,13 +159,29 @@ def read_manifest(path, on_bad_record: str = "raise") -> list[Entry]:
 
 
 def load_pair(entry: Entry) -> tuple[np.ndarray, np.ndarray]:
-    """(image in [0, 1], integer labels), both (X, Y, Z) in canonical RAS order on one grid."""
+    """(image in [0, 1], integer labels), both (X, Y, Z) in canonical RAS order on one grid.
+
+    The last few pairs read stay in memory (read-only arrays), keyed by path, size and mtime:
+    a small manifest is read from disk once, not once per clip."""
+    def stamp(path):
+        try:
+            st = os.stat(path)
+            return (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+    return _load_pair_cached(entry.image, stamp(entry.image), entry.label, stamp(entry.label), entry.window)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_pair_cached(image: str, _image_stamp, label: str, _label_stamp, window: str | None):
     try:
-        volume = load_volume(entry.image)
-        labels = load_label_volume(entry.label, volume)
-        unit = intensity.to_unit_range(volume.array, window=entry.window)
+        volume = load_volume(image)
+        labels = load_label_volume(label, volume)
+        unit = intensity.to_unit_range(volume.array, window=window)
     except (VolumeError, ValueError) as error:
         raise DataError(str(error)) from None
+    unit.flags.writeable = False
+    labels.flags.writeable = False
     return unit, labels
 
 
@@ -184,6 +203,7 @@ class ClipConfig:
     brightness: float = 0.1
     contrast: float = 0.2
     gamma: float = 0.2
+    slice_flip_prob: float = 0.0  # reverse the slice order, so clips are tracked in both directions
 
     @classmethod
     def from_config(cls, data_config) -> "ClipConfig":
@@ -192,11 +212,13 @@ class ClipConfig:
                    image_size=data_config.image_size, slice_axis=data_config.slice_axis,
                    hflip_prob=a.hflip_prob, vflip_prob=a.vflip_prob, rotate_degrees=a.rotate_degrees,
                    scale_range=tuple(a.scale_range), translate_fraction=a.translate_fraction,
-                   brightness=a.brightness, contrast=a.contrast, gamma=a.gamma)
+                   brightness=a.brightness, contrast=a.contrast, gamma=a.gamma,
+                   slice_flip_prob=a.get("slice_flip_prob", 0.0))
 
     def without_augmentation(self) -> "ClipConfig":
         return dataclasses.replace(self, hflip_prob=0.0, vflip_prob=0.0, rotate_degrees=0.0, scale_range=(1.0, 1.0),
-                                   translate_fraction=0.0, brightness=0.0, contrast=0.0, gamma=0.0)
+                                   translate_fraction=0.0, brightness=0.0, contrast=0.0, gamma=0.0,
+                                   slice_flip_prob=0.0)
 
 
 def _output_to_input(rng: np.random.Generator, in_shape: tuple[int, int], size: int, cfg: ClipConfig) -> np.ndarray:
@@ -276,6 +298,8 @@ def sample_clip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     if depth < t:
         raise DataError(f"{where}: {depth} slices along axis {axis}, fewer than the clip length {t}")
     other_axes = tuple(a for a in range(3) if a != axis)
+    if cfg.slice_flip_prob > 0 and rng.random() < cfg.slice_flip_prob:
+        image, labels = np.flip(image, axis), np.flip(labels, axis)  # `start` then counts from the far end
     anchor = ids[rng.integers(ids.size)]
     present = np.flatnonzero(np.any(labels == anchor, axis=other_axes))
     starts = present[present <= depth - t]
@@ -305,10 +329,22 @@ def sample_clip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 class ClipSampler(grain.transforms.RandomMap):
     """Reads one manifest entry and samples a clip from it with the record's own rng."""
 
-    def __init__(self, cfg: ClipConfig, on_bad_record: str = "raise", prompt_config=None):
+    def __init__(self, cfg: ClipConfig, on_bad_record: str = "raise", prompt_config=None,
+                 max_consecutive_failures: int = 64):
         self.cfg = cfg
         self.on_bad_record = on_bad_record
         self.prompt_config = prompt_config  # prompts.PromptConfig: add simulated prompts
+        self.max_consecutive_failures = max_consecutive_failures
+        self._lock = threading.Lock()
+        self._failures = 0
+
+    def __getstate__(self):  # grain workers get a copy without the lock
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def random_map(self, entry: Entry, rng: np.random.Generator):
         try:
@@ -317,7 +353,17 @@ class ClipSampler(grain.transforms.RandomMap):
                                where=f"{entry.label} (image {entry.image})")
         except DataError as error:
             _bad(str(error), self.on_bad_record)
+            with self._lock:
+                self._failures += 1
+                failures = self._failures
+            if failures >= self.max_consecutive_failures:
+                # Skipping must not become an endless loop over a manifest with no usable entry.
+                raise DataError(f"{failures} records in a row could not be read (the last: {error}); "
+                                "check the manifest's paths (relative ones are relative to the manifest's "
+                                "folder)") from None
             return None  # grain drops None records
+        with self._lock:
+            self._failures = 0
         clip["entry"] = np.int32(entry.index)
         if self.prompt_config is not None:
             clip.update(simulate_prompts(clip["masks"], rng, self.prompt_config))
@@ -349,9 +395,13 @@ def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed
     # One seed per host: with the plain seed, record k of every host would draw the same anchor
     # choice, flips and jitter.
     host_seed = int(np.random.SeedSequence([seed, shard.shard_index]).generate_state(1)[0])
-    ds = grain.MapDataset.source(shard_entries(entries, shard)).seed(host_seed)
+    entries = shard_entries(entries, shard)
+    ds = grain.MapDataset.source(entries).seed(host_seed)
     ds = ds.shuffle().repeat(None if num_epochs < 0 else num_epochs)
-    ds = ds.random_map(ClipSampler(ClipConfig.from_config(data_config), data_config.on_bad_record, prompt_config))
+    # Skip mode gives up once every entry of two epochs' worth in a row has failed.
+    sampler = ClipSampler(ClipConfig.from_config(data_config), data_config.on_bad_record, prompt_config,
+                          max_consecutive_failures=max(2 * len(entries), 8))
+    ds = ds.random_map(sampler)
     # Bounded read-ahead: grain's default (hundreds of records) would hold that many volumes.
     read = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_buffer)
     batches = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)

@@ -52,7 +52,7 @@ def validation_config(config):
     val = config.data.copy_and_resolve_references()
     val.manifest = config.data.val_manifest
     val.augment.update(dict(hflip_prob=0.0, vflip_prob=0.0, rotate_degrees=0.0, scale_range=(1.0, 1.0),
-                            translate_fraction=0.0, brightness=0.0, contrast=0.0, gamma=0.0))
+                            translate_fraction=0.0, brightness=0.0, contrast=0.0, gamma=0.0, slice_flip_prob=0.0))
     return val
 
 
@@ -93,8 +93,9 @@ def train(config, workdir, *, init_checkpoint: str = "", tracker_config=None):
             try:
                 batch = next(iterator)
             except data.DataError as error:
-                log.error("stopping: bad training record: %s (set data.on_bad_record='skip' to skip such records)",
-                          error)
+                hint = " (set data.on_bad_record='skip' to skip such records)" \
+                    if config.data.on_bad_record == "raise" else ""
+                log.error("stopping at step %d: bad training data: %s%s", step, error, hint)
                 raise
             state, metrics = steps.train_step(state, sharding.shard_batch(batch, mesh))
             step += 1

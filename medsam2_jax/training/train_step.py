@@ -7,22 +7,21 @@ Per clip (vmapped over clips, and over objects on shared image features):
      a GT mask (`use_mask_as_output`), or by a box/click followed by `num_correction_points`
      error clicks, each step feeding the previous low-res logits back as the mask input; the
      last step's mask is encoded into memory (sigmoid, as in training) and pinned;
-  3. a `lax.scan` over the frames in temporal order, each tracked from the bank (memory
-     attention over the pinned and recent memories and the object pointers), its memory written
-     to the recent ring; conditioning frames are skipped there (masked), as SAM 2 processes them
-     first. `jax.checkpoint` wraps each frame (config.remat), so the backward pass keeps one
-     frame's activations at a time plus the bank.
+  3. a `lax.scan` over the frames in temporal order, each tracked from the bank by
+     `tracker.step.track_frame` in training mode, so the configured memory policy
+     (tracker_config.memory_policy: fifo, self_sorting, medsam2_released or a registered one)
+     decides what is written and read, exactly as at inference; conditioning frames replay their
+     output there and write nothing, as SAM 2 processes them first. `jax.checkpoint` wraps each
+     frame (config.remat), so the backward pass keeps one frame's activations at a time plus the
+     bank.
 Every output (each correction step included) gets the loss with all M masks (a single-mask
 output is repeated M times, which leaves best-of-M and the IoU mean unchanged); the loss is
 `losses.sam2_loss` over the stacked outputs, summed over frames, divided by the valid objects.
 
 Training-mode differences from the tracker's inference step (SAM2Train's `self.training`):
 memory masks are sigmoids, never binarised; pointers of all conditioning frames are used, not
-only past ones. Dropout and drop-path are not applied (our model functions have none).
-
-The tracker's bank is driven through `tracker.step`'s building blocks (memory_conditioned_features,
-write_cond, write_recent): `step` returns the chosen mask only, while the loss needs all M masks
-and their IoUs.
+only past ones. Dropout and drop-path are not applied (our model functions have none). Memories
+are stored in bfloat16 as at inference; gradients pass through the cast.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ import optax
 
 from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import state as tracker_state
-from medsam2_jax.tracker.step import memory_conditioned_features
+from medsam2_jax.tracker.policies import make_policy
+from medsam2_jax.tracker.step import track_frame
 from medsam2_jax.training import losses, prompts
 from medsam2_jax.training.optimizer import learning_rate_schedule
 
@@ -55,31 +55,23 @@ def _frame(features, t):
             None if hr is None else [h[t][None] for h in hr])
 
 
-def _to_loss_output(config, sam, multimask_output: bool):
-    """(M, S, S) high-res logits and (M,) IoUs of one object's decoder output, M = 3."""
+def _to_loss_output(config, low_res_multimasks, ious):
+    """(M, S, S) high-res logits and (M,) IoUs from one object's decoder candidates
+    ((4s, 4s, M') and (M',), M' = M or 1: a single mask is repeated M times)."""
     m = config.mask_decoder.num_multimask_outputs
     size = (config.image_size, config.image_size)
-    if multimask_output:
-        masks = layers.resize_bilinear(sam["low_res_multimasks"], size, antialias=False)[0]  # (S, S, M)
-        return jnp.moveaxis(masks, -1, 0).astype(jnp.float32), sam["ious"][0].astype(jnp.float32)
-    masks = jnp.broadcast_to(sam["high_res_masks"][0, :, :, 0], (m, *size)).astype(jnp.float32)
-    return masks, jnp.broadcast_to(sam["iou"][0], (m,)).astype(jnp.float32)
+    masks = layers.resize_bilinear(low_res_multimasks[None], size, antialias=False)[0]  # (S, S, M')
+    masks = jnp.broadcast_to(jnp.moveaxis(masks, -1, 0), (m, *size)).astype(jnp.float32)
+    return masks, jnp.broadcast_to(ious, (m,)).astype(jnp.float32)
 
 
 def _sam_heads(params, config, pix, hr, points, labels, point_valid, mask_inputs, multimask):
-    """forward_sam_heads with a static or traced multimask flag; returns the state-side outputs
-    and the loss-side (masks, ious). A traced flag runs the decoder both ways and selects."""
-    def run(flag):
-        sam = sam2.forward_sam_heads(params, pix, config, point_coords=points[None], point_labels=labels[None],
-                                     mask_inputs=mask_inputs, high_res_features=hr, multimask_output=flag,
-                                     point_mask=point_valid[None])
-        return sam, _to_loss_output(config, sam, flag)
-    if isinstance(multimask, bool):
-        return run(multimask)
-    (a, la), (b, lb) = run(True), run(False)
-    pick = lambda x, y: jnp.where(multimask, x, y)  # noqa: E731
-    keys = ("low_res_masks", "high_res_masks", "iou", "obj_ptr", "object_score_logits")
-    return {k: pick(a[k], b[k]) for k in keys}, jax.tree.map(pick, la, lb)
+    """forward_sam_heads (one decoder run; `multimask` static or traced); returns the state-side
+    outputs and the loss-side (masks, ious)."""
+    sam = sam2.forward_sam_heads(params, pix, config, point_coords=points[None], point_labels=labels[None],
+                                 mask_inputs=mask_inputs, high_res_features=hr, multimask_output=multimask,
+                                 point_mask=point_valid[None])
+    return sam, _to_loss_output(config, sam["low_res_multimasks"][0], sam["ious"][0])
 
 
 def _use_multimask(config, num_points):
@@ -102,7 +94,9 @@ def _cond_object(params, config, pcfg, state, frame, frame_idx, write, kind, poi
     sam, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, None, _use_multimask(config, (lab >= 0).sum()))
     # A mask prompt is the output itself (use_mask_as_output); it gets no corrections.
     mask_out = sam2.use_mask_as_output(params, vf, hr, gt.astype(jnp.float32)[None, :, :, None], config)
-    mask_loss = _to_loss_output(config, mask_out, False)
+    m = config.mask_decoder.num_multimask_outputs
+    mask_loss = (jnp.broadcast_to(mask_out["high_res_masks"][0, :, :, 0], (m, *gt.shape)).astype(jnp.float32),
+                 jnp.broadcast_to(mask_out["iou"][0], (m,)).astype(jnp.float32))
     first = (jnp.where(is_mask, mask_loss[0], loss_out[0]), jnp.where(is_mask, mask_loss[1], loss_out[1]),
              jnp.where(is_mask, mask_out["object_score_logits"][0, 0], sam["object_score_logits"][0, 0]),
              jnp.asarray(True))
@@ -137,28 +131,30 @@ def _cond_object(params, config, pcfg, state, frame, frame_idx, write, kind, poi
     return state, (masks, ious, scores, step_valid & write)
 
 
-def _track_object(params, config, state, frame, frame_idx, num_frames, is_cond):
-    """One object on a frame tracked from memory; its memory enters the recent ring."""
+def _track_object(params, config, policy, state, frame, frame_idx, num_frames):
+    """One object on a frame tracked from memory (`tracker.step.track_frame` in training mode):
+    the policy decides what enters the bank; a conditioning frame replays its output and writes
+    nothing."""
     vf, pos, hr = frame
-    multimask = bool(config.multimask_output_in_sam and config.multimask_output_for_tracking
-                     and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
-    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, False)
-    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
-    mem, _ = sam2.encode_new_memory(params, vf, sam["high_res_masks"], sam["object_score_logits"], False, config,
-                                    training=True)
-    state = tracker_state.write_recent(state, frame_idx, mem[0], sam["obj_ptr"][0], write=~is_cond)
-    masks, ious = _to_loss_output(config, sam, multimask)
-    return state, (masks, ious, sam["object_score_logits"][0, 0], sam["high_res_masks"][0, :, :, 0])
+    features = {"vision_features": vf[0], "vision_pos_enc": pos,
+                "high_res_features": None if hr is None else [h[0] for h in hr]}
+    state, out = track_frame(params, config, state, features, frame_idx, num_frames, False, policy=policy,
+                             training=True)
+    masks, ious = _to_loss_output(config, out["sam"]["low_res_multimasks"], out["sam"]["ious"])
+    chosen = layers.resize_bilinear(out["low_res_masks"][None], (config.image_size,) * 2, antialias=False)
+    return state, (masks, ious, out["object_score_logits"][0], chosen[0, :, :, 0])
 
 
 def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, num_corrections: int, remat=True):
     """One clip, all objects. `features` holds this clip's T frames; `clip` one record of the
     batch (data.py + prompts.py fields). Returns per-output arrays stacked as
-    (F, N, ...) with F = C * (1 + num_corrections) + T, and the tracked frames' chosen masks."""
+    (F, N, ...) with F = C * (1 + num_corrections) + T, the tracked frames' chosen masks, and
+    `bank_frames` (N, slots): the frames the memory policy holds at the end of the clip."""
     masks_gt = clip["masks"]  # (T, N, S, S)
     num_frames, n = masks_gt.shape[:2]
+    policy = make_policy(config, tracker_config)
     state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
-                         tracker_state.init_state(config, tracker_config))
+                         tracker_state.init_state(config, tracker_config, policy))
 
     def cond_slot(st, xs):
         t, write, points, labels, k = xs
@@ -185,7 +181,7 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
 
     def body(st, t):
         frame = _frame(features, t)
-        track = lambda s_: _track_object(params, config, s_, frame, t, num_frames, is_cond_frame[t])  # noqa: E731
+        track = lambda s_: _track_object(params, config, policy, s_, frame, t, num_frames)  # noqa: E731
         return jax.vmap(track)(st)
 
     if remat:
@@ -198,7 +194,8 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
     valid = jnp.concatenate([cv, tracked_valid])
     gt = jnp.concatenate([cgt, masks_gt])
     return {"masks": masks, "ious": ious, "scores": scores, "valid": valid, "gt": gt,
-            "tracked_masks": chosen, "tracked_valid": tracked_valid}
+            "tracked_masks": chosen, "tracked_valid": tracked_valid,
+            "bank_frames": jax.vmap(policy.held_frames)(state)}
 
 
 def dice_score(pred, gt, valid):

@@ -1,0 +1,114 @@
+"""The train step's forward runs the tracker's own step in training mode, through the memory policy.
+
+Small: the cut-down test model (configs/train.py:test_tiny, 64 px), one clip of 6 frames with two
+objects, a GT-mask prompt on frame 0, no correction clicks.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medsam2_jax.configs.train import get_config
+from medsam2_jax.model.sam2 import init_params
+from medsam2_jax.tracker.config import get_tracker_config
+from medsam2_jax.tracker.policies import Fifo, register_policy
+from medsam2_jax.training import prompts
+from medsam2_jax.training.train_step import batch_forward, training_model_config
+
+T, N, SIZE = 6, 2, 64
+
+
+class CountingFifo(Fifo):
+    """SAM 2's ring, plus a count of the writes it was offered and accepted."""
+
+    name = "counting_fifo"
+
+    def init(self):
+        return jnp.zeros((), jnp.int32)
+
+    def write(self, state, entry, active):
+        state = super().write(state, entry, active)
+        return state.replace(bank=state.bank + jnp.asarray(active, jnp.int32))
+
+
+register_policy("counting_fifo", CountingFifo)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = get_config("test_tiny")
+    model_config = training_model_config(config.model_config)
+    params = jax.jit(lambda: init_params(jax.random.key(0), model_config))()
+    masks = np.zeros((1, T, N, SIZE, SIZE), np.uint8)
+    for t in range(T):
+        masks[0, t, 0, 10 + t : 30, 12:34] = 1
+        masks[0, t, 1, 36:50, 20 + t : 44] = 1
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((1, T, SIZE, SIZE)).astype(np.float32) + masks[:, :, 0] * 0.5,
+             "masks": masks, "object_valid": np.ones((1, N), bool)}
+    pcfg = prompts.PromptConfig(num_init_cond_frames=1, rand_init_cond_frames=False, prob_point_input=0.0,
+                                num_correction_points=0)
+    sim = prompts.simulate_prompts(masks[0], np.random.default_rng(0), pcfg)
+    assert int(sim["prompt_kind"]) == prompts.MASK
+    batch.update({k: v[None] for k, v in sim.items()})
+    return model_config, params, pcfg, batch
+
+
+def _forward(setup, **tracker_kwargs):
+    model_config, params, pcfg, batch = setup
+    tracker_config = get_tracker_config(max_cond_frames=1, **tracker_kwargs)
+    fn = functools.partial(batch_forward, config=model_config, tracker_config=tracker_config, pcfg=pcfg,
+                           num_corrections=0, remat=False)
+    return jax.device_get(jax.jit(lambda p, b: fn(p, batch=b, key=jax.random.key(0)))(params, batch))
+
+
+def test_tracked_frames_write_through_the_policy(setup):
+    """Every tracked frame (not the conditioning frame 0) is offered to the configured policy."""
+    out = _forward(setup, memory_policy="counting_fifo")
+    fifo = _forward(setup, memory_policy="fifo")
+    # The count lives in the final state's bank; bank_frames are the ring's frames, as fifo's.
+    np.testing.assert_array_equal(out["bank_frames"], fifo["bank_frames"])
+    held = sorted(int(f) for f in out["bank_frames"][0, 0] if f >= 0)
+    assert held == list(range(1, T)), held  # frames 1..5, all in the 6-slot ring
+    np.testing.assert_array_equal(out["tracked_masks"], fifo["tracked_masks"])
+
+
+def test_policy_changes_what_the_clip_reads(setup):
+    """A self-sorting bank that accepts nothing (threshold above any confidence) holds no frame, and
+    the tracked masks then differ from fifo's from frame 2 on (frame 1 reads only the prompt)."""
+    fifo = _forward(setup, memory_policy="fifo")
+    none = _forward(setup, memory_policy="self_sorting", conf_threshold=2.0)
+    assert (none["bank_frames"] == -1).all()
+    np.testing.assert_array_equal(none["tracked_masks"][:, 1], fifo["tracked_masks"][:, 1])
+    diff = np.abs(none["tracked_masks"][:, 2:] - fifo["tracked_masks"][:, 2:]).max()
+    assert diff > 1e-4, diff
+    sorting = _forward(setup, memory_policy="self_sorting", conf_threshold=0.0, lambda_conf=0.5)
+    held = sorting["bank_frames"][0]
+    assert set(held[held >= 0].ravel()) <= set(range(1, T))
+
+
+def test_traced_multimask_candidates_match_static(setup):
+    """forward_sam_heads with a traced multimask flag gives the static flag's candidates in one
+    decoder run: the M masks and IoUs with multimask, the single mask repeated M times without."""
+    from medsam2_jax.model import sam2
+
+    model_config, params, _, batch = setup
+    rgb = jnp.broadcast_to(jnp.asarray(batch["image"][0, :1, :, :, None]), (1, SIZE, SIZE, 3))
+    feats = sam2.forward_image(params, sam2.preprocess(rgb, model_config), model_config)
+    pix = sam2.add_no_mem_embed(params, feats["vision_features"])
+    pts, lab = jnp.asarray([[[12.0, 10.0], [33.0, 29.0]]]), jnp.asarray([[2, 3]])
+
+    def heads(flag):
+        return sam2.forward_sam_heads(params, pix, model_config, pts, lab,
+                                      high_res_features=feats["high_res_features"], multimask_output=flag)
+
+    for flag in (True, False):
+        static, traced = heads(flag), jax.jit(heads)(jnp.asarray(flag))
+        m = model_config.mask_decoder.num_multimask_outputs
+        assert traced["low_res_multimasks"].shape[-1] == m and traced["ious"].shape[-1] == m
+        expect = jnp.broadcast_to(static["low_res_multimasks"], traced["low_res_multimasks"].shape)
+        np.testing.assert_allclose(traced["low_res_multimasks"], expect, atol=1e-5)
+        np.testing.assert_allclose(traced["ious"], jnp.broadcast_to(static["ious"], traced["ious"].shape), atol=1e-6)
