@@ -144,6 +144,7 @@ def _base(version: str, size: str, image_size: int) -> ml_collections.ConfigDict
     c.use_signed_tpos_enc_to_obj_ptrs = v21
     c.only_obj_ptrs_in_the_past_for_eval = True
     c.pred_obj_scores = True
+    c.box_mask_prompt = False  # ours, not SAM 2's: a box also as a dense mask prompt (demo model only)
     c.pred_obj_scores_mlp = True
     c.fixed_no_obj_ptr = True
     c.soft_no_obj_ptr = False
@@ -180,6 +181,8 @@ def _demo() -> ml_collections.ConfigDict:
     c.mask_decoder.transformer_mlp_dim = 256
     c.memory_attention.num_layers = 1
     c.memory_attention.dim_feedforward = 256
+    # A box also enters as a dense mask prompt (sam2.box_mask_input): learnable from scratch.
+    c.box_mask_prompt = True
     return c
 
 

@@ -7,11 +7,12 @@
 Data (shared/DATA.md, installed by scripts/install_data.sh, nothing downloaded):
   - Colin27 T1 with its AAL regions, minus the HELD_OUT structures (zeroed in the training label
     volume, so they are never a training object nor a prompt);
-  - the MNI152 2009a T1 with its white matter (wm > 127) as one more object.
+  - the MNI152 2009a T1 with its white matter (wm > 127) as one more object;
+  - synthetic: both T1s with random ellipsoids painted in at random intensities (4 volumes of 24).
 Training runs `medsam2_jax.training.loop.train` with `configs/train.py:demo` in --workdir; killed,
 it resumes from the last checkpoint when started again. Export writes the final params to
-medsam2_jax/weights/medsam2_jax_demo/ (Orbax + manifest.json), the default weights of
-`medsam2-jax demo`. Evaluation prompts each held-out structure with the box of its central axial
+WORKDIR/export (Orbax + manifest.json); only if the evaluation beats both baselines are they
+copied to medsam2_jax/weights/medsam2_jax_demo/, the default weights of `medsam2-jax demo`. Evaluation prompts each held-out structure with the box of its central axial
 slice, propagates through the whole volume (forward and backward passes, as `segment` does) and
 compares its Dice with two naive baselines computed in the same run: the prompted slice's true
 mask copied to every slice, and the box itself filled on every slice. Results go to
@@ -42,6 +43,7 @@ HELD_OUT = {
     73: "Putamen_L", 74: "Putamen_R",
     77: "Thalamus_L", 78: "Thalamus_R",
 }
+SYNTHETIC_VOLUMES, SYNTHETIC_BLOBS = 4, 24
 # Training structures evaluated the same way, for comparison (seen in training, same brain).
 SEEN = {75: "Pallidum_L", 41: "Amygdala_L", 1: "Precentral_L", 91: "Cerebelum_Crus1_L"}
 
@@ -67,12 +69,48 @@ def prepare(data_dir: Path) -> Path:
 
     colin = {"image": str(datasets.colin27()), "label": str(data_dir / "colin27_aal_train.nii.gz")}
     mni = {"image": str(datasets.mni152_t1()), "label": str(data_dir / "mni152_wm.nii.gz")}
+    synthetic = []
+    for i in range(SYNTHETIC_VOLUMES):
+        base = datasets.colin27() if i % 2 == 0 else datasets.mni152_t1()
+        synthetic.append(_synthetic_volume(base, data_dir / f"synthetic{i}", np.random.default_rng(i)))
     # A record is one volume; the clip sampler draws its anchor object uniformly from the volume's
-    # labels, so Colin27's 108 training regions come 3 times for each MNI152 white-matter clip.
-    lines = [colin] * 3 + [mni]
+    # labels. Half the clips follow a synthetic blob, 3/8 an AAL region, 1/8 the white matter.
+    lines = [colin] * 3 + [mni] + synthetic
     manifest = data_dir / "train.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return manifest
+
+
+def _synthetic_volume(base: Path, stem: Path, rng: np.random.Generator) -> dict:
+    """A real T1 with SYNTHETIC_BLOBS random ellipsoids painted in (each at its own intensity,
+    blended over the anatomy) and labelled 1..n: compact objects of every size and contrast, each
+    with a clear end, for learning what a box means and when an object is gone."""
+    import nibabel as nib
+
+    image = nib.load(base)
+    data = np.asarray(image.dataobj, np.float32)
+    labels = np.zeros(data.shape, np.int16)
+    inside = np.argwhere(data > np.percentile(data, 60))  # centres in the head, not in the air
+    top = np.percentile(data, 99)
+    for label in range(1, SYNTHETIC_BLOBS + 1):
+        centre = inside[rng.integers(len(inside))].astype(np.float32)
+        radii = rng.uniform(3.0, 14.0, size=3)
+        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        lo = np.maximum((centre - radii.max() - 1).astype(int), 0)
+        hi = np.minimum((centre + radii.max() + 2).astype(int), data.shape)
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1) - centre
+        local = grid @ rotation
+        blob = ((local / radii) ** 2).sum(-1) <= 1.0
+        region = tuple(slice(a, b) for a, b in zip(lo, hi))
+        alpha = rng.uniform(0.5, 1.0)
+        value = rng.uniform(0.05, 1.0) * top
+        patch = data[region]
+        patch[blob] = (1 - alpha) * patch[blob] + alpha * value
+        labels[region][blob] = label
+    out = {"image": str(stem) + "_image.nii.gz", "label": str(stem) + "_label.nii.gz"}
+    _save(nib.Nifti1Image(data, image.affine), Path(out["image"]))
+    _save(nib.Nifti1Image(labels, image.affine), Path(out["label"]))
+    return out
 
 
 def _save(image, path: Path) -> None:
@@ -134,6 +172,19 @@ def export(params, config, out_dir: Path, info: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install(out: Path) -> None:
+    """Copy an evaluated export into the package as the demo's default weights (atomically)."""
+    tmp = WEIGHTS.with_name(".medsam2_jax_demo.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out, tmp)
+    old = WEIGHTS.with_name(".medsam2_jax_demo.old")
+    if WEIGHTS.exists():
+        WEIGHTS.rename(old)
+    tmp.rename(WEIGHTS)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"installed as the default weights of medsam2-jax demo: {WEIGHTS}")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -247,9 +298,10 @@ Held out (both hemispheres, never a training object or prompt): {held}.
 `python scripts/train_demo_model.py` (stages: prepare, train, export, evaluate), which runs
 `medsam2_jax.training.loop.train` with `configs/train.py:demo`:
 - from scratch; {info['num_steps']} steps of {info.get('batch_size', config.batch_size)} clips, each {config.data.clip_length} consecutive slices along a
-  random axis (random direction) with up to {config.data.objects_per_clip} objects, at {m.image_size} px;
-- prompts on the first frame: a box, one click or the GT mask, one correction click; the
-  SAM 2 loss (focal 20, Dice 1, IoU 1, object score 1);
+  random axis, in a random direction, with {config.data.objects_per_clip} object(s) each, at {m.image_size} px, with flips, rotation,
+  scaling and intensity jitter;
+- prompts on the first frame: a noisy box (p = {config.prompts.prob_point_input * config.prompts.prob_box_input:.2f}), one click ({config.prompts.prob_point_input * (1 - config.prompts.prob_box_input):.2f}) or the GT mask
+  ({1 - config.prompts.prob_point_input:.2f}), {config.prompts.num_correction_points} correction clicks; the SAM 2 loss (focal 20, Dice 1, IoU 1, object score 1);
 - AdamW, lr {config.lr} with {config.warmup_steps} warmup steps and cosine decay to {config.lr * config.final_lr_ratio:g}, weight decay
   {config.weight_decay}, gradient clipping at {config.clip_norm}; memory policy fifo (SAM 2's).
 - Wall time on this machine (2 CPU cores, shared with other work part of the time): {wall}.
@@ -286,10 +338,13 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=("all", "prepare", "train", "export", "evaluate"), default="all")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "medsam2_jax" / "demo_train"))
     parser.add_argument("--steps", type=int, default=None, help="override configs/train.py:demo num_steps")
-    parser.add_argument("--out", default=str(WEIGHTS), help="where the trained weights go")
+    parser.add_argument("--out", default=None,
+                        help="where the exported weights go (default: WORKDIR/export); they are copied into "
+                        "the package as the demo's default only when they beat both baselines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    workdir, out = Path(args.workdir), Path(args.out)
+    workdir = Path(args.workdir)
+    out = Path(args.out) if args.out else workdir / "export"
     if args.stage in ("all", "prepare", "train"):
         manifest = prepare(workdir / "data")
         print(f"manifest: {manifest}")
@@ -316,6 +371,13 @@ def main(argv=None) -> int:
         print(json.dumps({k: results[k] for k in ("held_out_mean", "seen_mean")}, indent=1))
         write_card(out)
         print(f"model card: {out / 'MODEL_CARD.md'}")
+        mean = results["held_out_mean"]
+        if mean["dice"] > max(mean["dice_copy_mask"], mean["dice_box"]):
+            if out.resolve() != WEIGHTS.resolve():
+                install(out)
+        else:
+            print(f"not installed as the package's default weights: held-out mean Dice {mean['dice']:.3f} does not "
+                  f"beat the baselines (copy mask {mean['dice_copy_mask']:.3f}, box {mean['dice_box']:.3f})")
     return 0
 
 

@@ -112,3 +112,21 @@ def test_traced_multimask_candidates_match_static(setup):
         expect = jnp.broadcast_to(static["low_res_multimasks"], traced["low_res_multimasks"].shape)
         np.testing.assert_allclose(traced["low_res_multimasks"], expect, atol=1e-5)
         np.testing.assert_allclose(traced["ious"], jnp.broadcast_to(static["ious"], traced["ious"].shape), atol=1e-6)
+
+
+def test_box_mask_input_marks_the_box():
+    """The demo model's dense box prompt: +10 on mask-input pixels whose centres fall in the box
+    (corners labelled 2 and 3, in model pixels), -10 elsewhere, all -10 without a box; padded
+    points do not count."""
+    from medsam2_jax.configs.model import get_config
+    from medsam2_jax.model.sam2 import box_mask_input
+
+    config = get_config("demo")  # 128 px, mask input 32 x 32: 4 model pixels per mask pixel
+    coords = jnp.asarray([[[8.0, 16.0], [23.0, 39.0]], [[8.0, 16.0], [23.0, 39.0]], [[50.0, 50.0], [0.0, 0.0]]])
+    labels = jnp.asarray([[2, 3], [2, 3], [1, -1]])
+    mask = jnp.asarray([[True, True], [True, False], [True, False]])
+    out = np.asarray(box_mask_input(coords, labels, mask, config, 32))[..., 0]
+    expect = np.full((32, 32), -10.0)
+    expect[4:10, 2:6] = 10.0  # rows: y 16..40 -> centres 18..38; cols: x 8..24 -> centres 10..22
+    np.testing.assert_array_equal(out[0], expect)
+    assert (out[1] == -10).all() and (out[2] == -10).all()

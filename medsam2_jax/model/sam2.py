@@ -123,6 +123,8 @@ def forward_sam_heads(params, backbone_features, config, point_coords=None, poin
     if point_coords is None:
         point_coords = jnp.zeros((b, 1, 2), jnp.float32)
         point_labels = -jnp.ones((b, 1), jnp.int32)
+    if config.get("box_mask_prompt", False) and mask_inputs is None:
+        mask_inputs = box_mask_input(point_coords, point_labels, point_mask, config, 4 * s)
     if mask_inputs is not None and mask_inputs.shape[1:3] != (4 * s, 4 * s):
         mask_inputs = layers.resize_bilinear(mask_inputs.astype(jnp.float32), (4 * s, 4 * s), antialias=True)
     pe_params = params["sam_prompt_encoder"]
@@ -177,6 +179,26 @@ def forward_sam_heads(params, backbone_features, config, point_coords=None, poin
         out["low_res_multimasks"] = jnp.where(mm, multi_masks, jnp.broadcast_to(low_res, multi_masks.shape))
         out["ious"] = jnp.where(mm, all_ious[:, 1:], jnp.broadcast_to(iou[:, None], all_ious[:, 1:].shape))
     return out
+
+
+def box_mask_input(point_coords, point_labels, point_mask, config, size: int):
+    """(B, size, size, 1) mask-input logits: +10 inside the box (the points labelled 2 and 3),
+    -10 elsewhere and everywhere when there is no box.
+
+    Only for models trained with `config.box_mask_prompt` (the shipped demo model): the box then
+    also enters as a dense mask prompt, spatially aligned with the image features, which a model
+    trained from scratch learns in minutes; the sparse corner tokens alone it did not learn in
+    our runs. Official SAM 2 weights do not use this.
+    """
+    valid = point_labels >= 0 if point_mask is None else point_mask & (point_labels >= 0)
+    corner = lambda label: jnp.sum(jnp.where(((point_labels == label) & valid)[..., None], point_coords, 0.0), 1)  # noqa: E731
+    has_box = jnp.any((point_labels == 2) & valid, 1) & jnp.any((point_labels == 3) & valid, 1)
+    (x0, y0), (x1, y1) = jnp.moveaxis(corner(2), -1, 0), jnp.moveaxis(corner(3), -1, 0)
+    centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (config.image_size / size)
+    inside_x = (centres[None, :] >= x0[:, None]) & (centres[None, :] <= x1[:, None] + 1.0)
+    inside_y = (centres[None, :] >= y0[:, None]) & (centres[None, :] <= y1[:, None] + 1.0)
+    inside = inside_y[:, :, None] & inside_x[:, None, :] & has_box[:, None, None]
+    return jnp.where(inside, 10.0, -10.0)[..., None].astype(jnp.float32)
 
 
 def use_mask_as_output(params, backbone_features, high_res_features, mask_inputs, config):
