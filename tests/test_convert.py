@@ -24,7 +24,7 @@ from medsam2_jax.convert.checkpoint import (
 from medsam2_jax.convert.table import our_path, torch_key
 from tests.reference import hydra_overrides, reference_image_model, state_dict_numpy
 
-OFFICIAL = [v for v in VARIANTS if not v.startswith("test")]  # 8 official configs + medsam2
+OFFICIAL = [v for v in VARIANTS if not v.startswith("test") and v != "demo"]  # 8 official configs + medsam2
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
