@@ -12,9 +12,10 @@ Variants:
   test                                                                 10M test model, tiny clips, for tests
   test_tiny                                                            test model cut down (64 px, one
                                                                        decoder / memory layer): fast compiles
-  demo                                                                 the shipped demo model from scratch on
-                                                                       Colin27/AAL + MNI152 tissue, 2 CPU cores
-                                                                       (scripts/train_demo_model.py)
+  demo_images, demo                                                    the shipped demo model from scratch on
+                                                                       Colin27/AAL + MNI152 tissue, 2 CPU cores,
+                                                                       in two stages: single prompted slices,
+                                                                       then clips (scripts/train_demo_model.py)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ SHARDING_RULES = (
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = "test" if variant in ("test", "test_tiny") else variant
+    c.model = {"test_tiny": "test", "demo_images": "demo"}.get(variant, variant)
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
     c.seed = 123
@@ -63,6 +64,7 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.data.clip_length = 8  # T consecutive slices
     c.data.objects_per_clip = 3  # N; clips with fewer objects are padded and masked
     c.data.slice_axis = "random"  # 0, 1, 2 (canonical RAS voxel axes) or "random"
+    c.data.exit_prob = 0.0  # share of clips started near the anchor's last slice, so they run past its end
     c.data.image_size = c.model_config.image_size
     c.data.on_bad_record = "skip"  # "skip" (log a warning naming the file) or "raise"
     c.data.num_epochs = -1  # -1 repeats forever
@@ -166,21 +168,18 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             m.memory_attention.num_layers = 1
             m.memory_attention.dim_feedforward = 256
             c.prompts.num_correction_points = 1
-    elif variant == "demo":
-        # From scratch on two CPU cores: short clips of one object and a higher lr than
-        # fine-tuning (more, cheaper steps learned faster than 8-frame clips of 2 objects at 5e-4
-        # in a one-batch overfitting probe), box/click/mask prompts on the first frame as the demo
-        # is prompted, no correction clicks, and both tracking directions.
-        c.data.clip_length = 5
+    elif variant in ("demo", "demo_images"):
+        # From scratch on two CPU cores, in two stages. A from-scratch decoder learned nothing from
+        # clips in 550 steps (the tracked frames dominate the loss and the box was ignored), while
+        # single box-prompted slices learn. So stage 1 (`demo_images`) trains on single prompted
+        # slices; stage 2 (`demo`) starts from its weights and trains on short clips of one
+        # object, a third of them running past the object's end (when to stop is most of the
+        # demo's Dice over a whole volume), prompted on the first frame, tracked both ways.
         c.data.objects_per_clip = 1
         c.data.augment.slice_flip_prob = 0.5
         c.data.augment.rotate_degrees = 15.0
         c.data.augment.scale_range = (0.85, 1.15)
-        c.batch_size = 4
-        c.num_steps = 1000
-        c.lr = c.vision_lr = 1e-3
         c.final_lr_ratio = 0.05
-        c.warmup_steps = 100
         c.weight_decay = 0.05
         c.layer_decay = 1.0
         c.clip_norm = 1.0
@@ -189,9 +188,24 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
         c.async_checkpoints = False
         c.prompts.num_init_cond_frames = 1
         c.prompts.rand_init_cond_frames = False
-        c.prompts.prob_point_input = 0.8
-        c.prompts.prob_box_input = 0.7
         c.prompts.num_correction_points = 0
+        if variant == "demo_images":
+            c.data.clip_length = 1
+            c.batch_size = 16
+            c.num_steps = 600
+            c.lr = c.vision_lr = 1e-3
+            c.warmup_steps = 50
+            c.prompts.prob_point_input = 0.9
+            c.prompts.prob_box_input = 0.8
+        else:
+            c.data.clip_length = 5
+            c.data.exit_prob = 0.35
+            c.batch_size = 4
+            c.num_steps = 700
+            c.lr = c.vision_lr = 5e-4
+            c.warmup_steps = 50
+            c.prompts.prob_point_input = 0.9
+            c.prompts.prob_box_input = 0.7
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
     return c

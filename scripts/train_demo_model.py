@@ -121,34 +121,33 @@ def _save(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_model(manifest: Path, workdir: Path, steps: int | None):
+STAGES = ("demo_images", "demo")  # configs/train.py variants, in order: single slices, then clips
+
+
+def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
+    """Both training stages, each in WORKDIR/<variant>; the second starts from the first's weights.
+    A stage whose checkpoints are complete is not run again; a killed one resumes."""
     from medsam2_jax.configs.train import get_config
     from medsam2_jax.training.loop import train
 
     import jax
 
-    config = get_config("demo")
-    config.data.manifest = str(manifest)
     # A resumed run loads the compiled train step instead of compiling it again.
     jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-    if steps:
-        config.num_steps = steps
-    t0 = time.time()
-    state = train(config, workdir)
-    return config, state, time.time() - t0
-
-
-def latest_params(workdir: Path):
-    """(step, params) of the latest training checkpoint in `workdir`."""
-    import orbax.checkpoint as ocp
-
-    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data_iter"))
-    step = manager.latest_step()
-    if step is None:
-        raise SystemExit(f"no checkpoint in {workdir / 'checkpoints'}: run the train stage first")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return step, restored["state"]["params"]
+    init, seconds = "", {}
+    for variant in STAGES:
+        config = get_config(variant)
+        config.data.manifest = str(manifest)
+        config.num_steps = steps.setdefault(variant, config.num_steps)
+        t0 = time.time()
+        state = train(config, workdir / variant, init_checkpoint=init)
+        seconds[variant] = round(time.time() - t0, 1)
+        if variant != STAGES[-1]:
+            init = str(workdir / variant / "export")
+            if not (Path(init) / "manifest.json").exists():
+                export(state.params, config, Path(init), {"config": f"configs/train.py:{variant}",
+                                                           "num_steps": int(config.num_steps)})
+    return config, state, seconds
 
 
 def export(params, config, out_dir: Path, info: dict) -> None:
@@ -268,10 +267,22 @@ def write_card(out: Path) -> None:
 
     held = ", ".join(f"{k} {v}" for k, v in HELD_OUT.items())
     if "train_seconds_this_run" in info:
-        wall = f"{info['train_seconds_this_run'] / 60:.0f} min" + (
+        wall = ", ".join(f"{v} {sec / 60:.0f} min" for v, sec in info["train_seconds_this_run"].items()) + (
             " (the last run; it resumed from a checkpoint)" if info.get("resumed") else "")
     else:
         wall = "not recorded (exported from a checkpoint)"
+    stage_lines = []
+    for variant in STAGES:
+        c = get_config(variant)
+        p = c.prompts
+        what = ("single slices" if c.data.clip_length == 1 else
+                f"clips of {c.data.clip_length} consecutive slices ({c.data.exit_prob:.0%} of them started near the "
+                "object's last slice, so they run past its end)")
+        stage_lines.append(
+            f"- `configs/train.py:{variant}`: {info.get('steps', {}).get(variant, c.num_steps)} steps of {c.batch_size} {what}; peak lr {c.lr:g} after "
+            f"{c.warmup_steps} warmup steps; prompts: box {p.prob_point_input * p.prob_box_input:.2f}, click "
+            f"{p.prob_point_input * (1 - p.prob_box_input):.2f}, mask {1 - p.prob_point_input:.2f}.")
+    stage_lines = "\n".join(stage_lines)
     text = f"""# medsam2_jax demo model
 
 A **demonstration model, not for clinical or research use.** It exists so that `medsam2-jax demo`
@@ -296,14 +307,13 @@ Held out (both hemispheres, never a training object or prompt): {held}.
 
 ## Training
 `python scripts/train_demo_model.py` (stages: prepare, train, export, evaluate), which runs
-`medsam2_jax.training.loop.train` with `configs/train.py:demo`:
-- from scratch; {info['num_steps']} steps of {info.get('batch_size', config.batch_size)} clips, each {config.data.clip_length} consecutive slices along a
-  random axis, in a random direction, with {config.data.objects_per_clip} object(s) each, at {m.image_size} px, with flips, rotation,
-  scaling and intensity jitter;
-- prompts on the first frame: a noisy box (p = {config.prompts.prob_point_input * config.prompts.prob_box_input:.2f}), one click ({config.prompts.prob_point_input * (1 - config.prompts.prob_box_input):.2f}) or the GT mask
-  ({1 - config.prompts.prob_point_input:.2f}), {config.prompts.num_correction_points} correction clicks; the SAM 2 loss (focal 20, Dice 1, IoU 1, object score 1);
-- AdamW, lr {config.lr} with {config.warmup_steps} warmup steps and cosine decay to {config.lr * config.final_lr_ratio:g}, weight decay
-  {config.weight_decay}, gradient clipping at {config.clip_norm}; memory policy fifo (SAM 2's).
+`medsam2_jax.training.loop.train` twice, from scratch and then from the first run's weights:
+{stage_lines}
+- Both: one object per clip, at {m.image_size} px, along a random axis in a random direction, with flips,
+  rotation, scaling and intensity jitter; prompts on the first frame: a noisy box, one click or the
+  GT mask; no correction clicks; the SAM 2 loss (focal 20, Dice 1, IoU 1, object score 1); AdamW
+  with warmup and cosine decay to 5% of the peak lr, weight decay {config.weight_decay}, gradient clipping at
+  {config.clip_norm}; memory policy fifo (SAM 2's).
 - Wall time on this machine (2 CPU cores, shared with other work part of the time): {wall}.
 
 ## Evaluation
@@ -337,7 +347,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=("all", "prepare", "train", "export", "evaluate"), default="all")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "medsam2_jax" / "demo_train"))
-    parser.add_argument("--steps", type=int, default=None, help="override configs/train.py:demo num_steps")
+    parser.add_argument("--steps", default="", help="override the stages' num_steps, e.g. demo_images=400,demo=600")
     parser.add_argument("--out", default=None,
                         help="where the exported weights go (default: WORKDIR/export); they are copied into "
                         "the package as the demo's default only when they beat both baselines")
@@ -349,17 +359,22 @@ def main(argv=None) -> int:
         manifest = prepare(workdir / "data")
         print(f"manifest: {manifest}")
     if args.stage in ("all", "train"):
-        resumed = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
-        config, state, seconds = train_model(manifest, workdir, args.steps)
-        info = {"config": "configs/train.py:demo", "num_steps": int(config.num_steps),
-                "batch_size": int(config.batch_size), "train_seconds_this_run": round(seconds, 1), "resumed": resumed,
+        resumed = any(p.name.isdigit() for p in workdir.glob("*/checkpoints/*"))
+        steps = {k: int(v) for k, v in (x.split("=") for x in args.steps.split(",") if x)}
+        config, state, seconds = train_model(manifest, workdir, steps)
+        info = {"config": "configs/train.py:demo", "stages": list(STAGES), "num_steps": int(config.num_steps),
+                "batch_size": int(config.batch_size), "train_seconds_this_run": seconds, "resumed": resumed, "steps": steps,
                 "held_out": HELD_OUT, "manifest": [json.loads(x) for x in manifest.read_text().splitlines()]}
         export(state.params, config, out, info)
         print(f"weights: {out}")
     if args.stage == "export":  # the latest checkpoint, e.g. of a run that was stopped early
         from medsam2_jax.configs.train import get_config
 
-        step, params = latest_params(workdir)
+        from medsam2_jax.training.checkpointing import latest_params
+
+        step, params = latest_params(workdir / STAGES[-1])
+        if step is None:
+            raise SystemExit(f"no checkpoint in {workdir / STAGES[-1]}: run the train stage first")
         export(params, get_config("demo"), out, {"config": "configs/train.py:demo", "num_steps": int(step),
                                                  "exported_from": str(workdir), "held_out": HELD_OUT})
         print(f"weights of step {step}: {out}")

@@ -140,6 +140,23 @@ def test_slice_flip_tracks_the_other_way():
     assert clip["masks"][0, 0].any()
 
 
+def test_exit_prob_runs_clips_past_the_object_end():
+    """exit_prob=1: every clip starts on the object and ends past its last slice, in either
+    tracking direction; exit_prob=0 draws starts over the whole object."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(size=SHAPE).astype(np.float32)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[2:12, 2:9, 10:20] = 3  # slices 2..11 along axis 0
+    cfg = data.ClipConfig(clip_length=4, objects_per_clip=1, image_size=24, slice_axis=0).without_augmentation()
+    for flip in (0.0, 1.0):
+        exiting = dataclasses.replace(cfg, exit_prob=1.0, slice_flip_prob=flip)
+        for seed in range(12):
+            masks = data.sample_clip(image, labels, np.random.default_rng(seed), exiting)["masks"][:, 0]
+            assert masks[0].any() and not masks[-1].any()
+    starts = {int(data.sample_clip(image, labels, np.random.default_rng(s), cfg)["start"]) for s in range(40)}
+    assert min(starts) < 8  # without it, most clips stay inside the object
+
+
 def test_skip_mode_gives_up_when_nothing_reads(tmp_path):
     """Skip mode over a manifest whose every entry fails stops with a clear error instead of
     searching for a good record forever."""

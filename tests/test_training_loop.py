@@ -16,11 +16,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from medsam2_jax.configs.train import get_config
-from medsam2_jax.training import prompts
+from medsam2_jax.training import checkpointing, prompts
 
 STEPS = 5
 
@@ -56,11 +55,9 @@ def _train_cmd(workdir, manifest, *extra):
 
 
 def _final_params(workdir, step=STEPS):
-    manager = ocp.CheckpointManager(Path(workdir) / "checkpoints", item_names=("state", "data_iter"))
-    assert manager.latest_step() == step, manager.all_steps()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return restored["state"]["params"]
+    latest, params = checkpointing.latest_params(workdir)
+    assert latest == step, latest
+    return params
 
 
 def _clips_by_step(workdir):

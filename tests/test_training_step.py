@@ -130,3 +130,11 @@ def test_box_mask_input_marks_the_box():
     expect[4:10, 2:6] = 10.0  # rows: y 16..40 -> centres 18..38; cols: x 8..24 -> centres 10..22
     np.testing.assert_array_equal(out[0], expect)
     assert (out[1] == -10).all() and (out[2] == -10).all()
+
+
+def test_demo_stages_share_one_model():
+    """Stage 2 of the demo recipe (`demo`) starts from stage 1's weights (`demo_images`): same
+    model, single slices then clips that run past the object."""
+    first, second = get_config("demo_images"), get_config("demo")
+    assert first.model_config == second.model_config and first.model == second.model == "demo"
+    assert first.data.clip_length == 1 and second.data.clip_length > 1 and second.data.exit_prob > 0

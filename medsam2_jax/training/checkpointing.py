@@ -87,3 +87,20 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iter
         items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE]
+
+
+def latest_params(workdir):
+    """(step, params) of the latest checkpoint in `workdir`, as host arrays; (None, None) if it
+    holds none. For exporting or inspecting a run without rebuilding its optimizer."""
+    directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    if not os.path.isdir(directory):
+        return None, None
+    manager = ocp.CheckpointManager(directory, item_names=(STATE, DATA_ITER))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            return None, None
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))
+        return step, restored[STATE]["params"]
+    finally:
+        manager.close()

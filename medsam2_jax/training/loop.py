@@ -51,8 +51,7 @@ def validation_config(config):
     """config.data for validation: the val manifest, no augmentation."""
     val = config.data.copy_and_resolve_references()
     val.manifest = config.data.val_manifest
-    val.augment.update(dict(hflip_prob=0.0, vflip_prob=0.0, rotate_degrees=0.0, scale_range=(1.0, 1.0),
-                            translate_fraction=0.0, brightness=0.0, contrast=0.0, gamma=0.0, slice_flip_prob=0.0))
+    val.augment.update(data.NO_AUGMENTATION)
     return val
 
 
