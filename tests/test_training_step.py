@@ -138,3 +138,46 @@ def test_demo_stages_share_one_model():
     first, second = get_config("demo_images"), get_config("demo")
     assert first.model_config == second.model_config and first.model == second.model == "demo"
     assert first.data.clip_length == 1 and second.data.clip_length > 1 and second.data.exit_prob > 0
+
+
+@pytest.mark.parametrize("kind", ["box", "click"])
+def test_conditioning_frame_sees_the_prompt(setup, kind):
+    """The train step's output on a box- or click-prompted frame is the decoder's answer to that
+    prompt, as inference computes it (forward_sam_heads on the no-memory features), and moving
+    the prompt changes it. (A sign slip once turned every label negative, so training never
+    showed the model a prompt; the mask-prompt tests above could not see that.)"""
+    from medsam2_jax.model import sam2
+
+    model_config, params, pcfg, batch = setup
+    if kind == "box":
+        points, labels, code = [[12.0, 10.0], [33.0, 29.0]], [2, 3], prompts.BOX
+    else:
+        points, labels, code = [[22.0, 20.0], [0.0, 0.0]], [1, -1], prompts.CLICK
+    one = {k: np.asarray(batch[k]) for k in ("image", "masks", "object_valid", "cond_frames", "cond_valid")}
+    one["image"], one["masks"] = one["image"][:, :1], one["masks"][:, :1, :1]
+    one["object_valid"] = one["object_valid"][:, :1]
+    one["prompt_kind"] = np.asarray([code], np.int32)
+
+    def train_output(shift):
+        b = dict(one, prompt_points=np.asarray(points, np.float32)[None, None, None] + shift,
+                 prompt_labels=np.asarray(labels, np.int32)[None, None, None])
+        fn = functools.partial(batch_forward, config=model_config, tracker_config=get_tracker_config(max_cond_frames=1),
+                               pcfg=pcfg, num_corrections=0, remat=False)
+        out = jax.jit(lambda p, x: fn(p, batch=x, key=jax.random.key(0)))(params, b)
+        return np.asarray(out["masks"][0, 0, 0]), np.asarray(out["ious"][0, 0, 0])  # frame 0, object 0: (M, S, S)
+
+    masks, ious = train_output(0.0)
+    rgb = jnp.broadcast_to(jnp.asarray(one["image"][0, :1, :, :, None]), (1, SIZE, SIZE, 3))
+    feats = sam2.forward_image(params, sam2.preprocess(rgb, model_config), model_config)
+    lab = jnp.asarray([labels], jnp.int32)
+    ref = sam2.forward_sam_heads(params, sam2.add_no_mem_embed(params, feats["vision_features"]), model_config,
+                                 jnp.asarray([points], jnp.float32), lab, high_res_features=feats["high_res_features"],
+                                 multimask_output=kind == "click", point_mask=lab >= 0)
+    m = model_config.mask_decoder.num_multimask_outputs
+    ref_masks = jax.image.resize(ref["low_res_multimasks"][0], (SIZE, SIZE, ref["low_res_multimasks"].shape[-1]),
+                                 "bilinear", antialias=False)
+    np.testing.assert_allclose(masks, np.broadcast_to(np.moveaxis(np.asarray(ref_masks), -1, 0), (m, SIZE, SIZE)),
+                               atol=1e-4)
+    np.testing.assert_allclose(ious, np.broadcast_to(np.asarray(ref["ious"][0]), (m,)), atol=1e-5)
+    moved, _ = train_output(15.0)
+    assert np.abs(moved - masks).max() > 1e-3

@@ -89,7 +89,7 @@ def _cond_object(params, config, pcfg, state, frame, frame_idx, write, kind, poi
     is_mask = kind == prompts.MASK
     total = 2 + num_corrections
     pts = jnp.zeros((total, 2), jnp.float32).at[:2].set(points)
-    lab = -jnp.ones((total,), jnp.int32).at[:2].set(labels)
+    lab = jnp.full((total,), -1, jnp.int32).at[:2].set(labels)
     pix = sam2.add_no_mem_embed(params, vf)
     sam, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, None, _use_multimask(config, (lab >= 0).sum()))
     # A mask prompt is the output itself (use_mask_as_output); it gets no corrections.
