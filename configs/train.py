@@ -201,9 +201,12 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             c.data.clip_length = 5
             c.data.exit_prob = 0.35
             c.batch_size = 4
-            c.num_steps = 700
-            c.lr = c.vision_lr = 5e-4
+            c.num_steps = 800
+            c.lr = 1e-3
             c.warmup_steps = 50
+            # Stage 1's image encoder stays as it is: the memory path has everything to learn, and a
+            # step without the encoder's backward pass is cheaper.
+            c.freeze = (r"^image_encoder\.",)
             c.prompts.prob_point_input = 0.9
             c.prompts.prob_box_input = 0.7
     elif variant not in model_configs.VARIANTS:

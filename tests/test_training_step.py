@@ -181,3 +181,33 @@ def test_conditioning_frame_sees_the_prompt(setup, kind):
     np.testing.assert_allclose(ious, np.broadcast_to(np.asarray(ref["ious"][0]), (m,)), atol=1e-5)
     moved, _ = train_output(15.0)
     assert np.abs(moved - masks).max() > 1e-3
+
+
+def test_box_mask_prompt_leaves_frames_without_a_box_alone():
+    """With `box_mask_prompt`, a click or a tracked frame (no box) gets SAM 2's `no_mask_embed`,
+    exactly as without the option; only a box adds the dense rectangle."""
+    from medsam2_jax.configs.model import get_config
+    from medsam2_jax.model import sam2
+
+    with_box = get_config("demo")
+    plain = with_box.copy_and_resolve_references()
+    plain.box_mask_prompt = False
+    params = jax.jit(lambda: init_params(jax.random.key(1), plain))()
+    keys = jax.random.split(jax.random.key(2), 3)
+    s = with_box.image_size // with_box.backbone_stride
+    pix = jax.random.normal(keys[0], (1, s, s, with_box.hidden_dim))
+    hr = [jax.random.normal(keys[1], (1, 4 * s, 4 * s, with_box.hidden_dim // 8)),
+          jax.random.normal(keys[2], (1, 2 * s, 2 * s, with_box.hidden_dim // 4))]
+
+    def run(config, points, labels):
+        lab = jnp.asarray([labels], jnp.int32)
+        out = sam2.forward_sam_heads(params, pix, config, jnp.asarray([points], jnp.float32), lab,
+                                     high_res_features=hr, point_mask=lab >= 0)
+        return np.concatenate([np.ravel(out[k]) for k in ("low_res_masks", "iou", "object_score_logits")])
+
+    click = ([[40.0, 50.0], [0.0, 0.0]], [1, -1])
+    box = ([[30.0, 40.0], [70.0, 90.0]], [2, 3])
+    np.testing.assert_array_equal(run(with_box, *click), run(plain, *click))
+    np.testing.assert_array_equal(sam2.forward_sam_heads(params, pix, with_box, high_res_features=hr)["iou"],
+                                  sam2.forward_sam_heads(params, pix, plain, high_res_features=hr)["iou"])
+    assert np.abs(run(with_box, *box) - run(plain, *box)).max() > 1e-3
