@@ -9,8 +9,10 @@ Data (shared/DATA.md, installed by scripts/install_data.sh, nothing downloaded):
     volume, so they are never a training object nor a prompt);
   - the MNI152 2009a T1 with its white matter (wm > 127) as one more object;
   - synthetic: both T1s with random ellipsoids painted in at random intensities (4 volumes of 24).
-Training runs `medsam2_jax.training.loop.train` with `configs/train.py:demo` in --workdir; killed,
-it resumes from the last checkpoint when started again. Export writes the final params to
+Training runs `medsam2_jax.training.loop.train` twice, each stage in WORKDIR/<variant>:
+`configs/train.py:demo_images` (single prompted slices, from scratch), then `configs/train.py:demo`
+(clips, from the first stage's weights); killed, it resumes from the last checkpoint when started
+again. Export writes the final params to
 WORKDIR/export (Orbax + manifest.json); only if the evaluation beats both baselines are they
 copied to medsam2_jax/weights/medsam2_jax_demo/, the default weights of `medsam2-jax demo`. Evaluation prompts each held-out structure with the box of its central axial
 slice, propagates through the whole volume (forward and backward passes, as `segment` does) and
@@ -125,8 +127,9 @@ STAGES = ("demo_images", "demo")  # configs/train.py variants, in order: single 
 
 
 def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
-    """Both training stages, each in WORKDIR/<variant>; the second starts from the first's weights.
-    A stage whose checkpoints are complete is not run again; a killed one resumes."""
+    """Both training stages, each in WORKDIR/<variant>; the second starts from the first's final
+    weights (exported to WORKDIR/<variant>/export every time, so they always match its checkpoint).
+    A finished stage restores and runs no steps; a killed one resumes."""
     from medsam2_jax.configs.train import get_config
     from medsam2_jax.training.loop import train
 
@@ -144,9 +147,8 @@ def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
         seconds[variant] = round(time.time() - t0, 1)
         if variant != STAGES[-1]:
             init = str(workdir / variant / "export")
-            if not (Path(init) / "manifest.json").exists():
-                export(state.params, config, Path(init), {"config": f"configs/train.py:{variant}",
-                                                           "num_steps": int(config.num_steps)})
+            export(state.params, config, Path(init), {"config": f"configs/train.py:{variant}",
+                                                       "num_steps": int(config.num_steps)})
     return config, state, seconds
 
 
@@ -280,7 +282,7 @@ def write_card(out: Path) -> None:
                 "object's last slice, so they run past its end)")
         stage_lines.append(
             f"- `configs/train.py:{variant}`: {info.get('steps', {}).get(variant, c.num_steps)} steps of {c.batch_size} {what}; peak lr {c.lr:g} after "
-            f"{c.warmup_steps} warmup steps; prompts: box {p.prob_point_input * p.prob_box_input:.2f}, click "
+            f"{c.warmup_steps} warmup steps{'; image encoder frozen' if c.freeze else ''}; prompts: box {p.prob_point_input * p.prob_box_input:.2f}, click "
             f"{p.prob_point_input * (1 - p.prob_box_input):.2f}, mask {1 - p.prob_point_input:.2f}.")
     stage_lines = "\n".join(stage_lines)
     text = f"""# medsam2_jax demo model
@@ -302,6 +304,8 @@ Installed offline by `scripts/install_data.sh` (shared/DATA.md); nothing is down
 - Colin27 single-subject T1 (`mricron-data` `ch2.nii.gz`) with its AAL atlas regions, except the
   held-out structures below, which are set to background in the training labels.
 - The MNI152 2009a T1 template (nilearn) with its white matter (`wm > 127`) as one object.
+- Synthetic: {SYNTHETIC_VOLUMES} volumes (the two T1s in turn), each with {SYNTHETIC_BLOBS} random ellipsoids painted in at random
+  intensities, each ellipsoid one object.
 
 Held out (both hemispheres, never a training object or prompt): {held}.
 
@@ -362,20 +366,19 @@ def main(argv=None) -> int:
         resumed = any(p.name.isdigit() for p in workdir.glob("*/checkpoints/*"))
         steps = {k: int(v) for k, v in (x.split("=") for x in args.steps.split(",") if x)}
         config, state, seconds = train_model(manifest, workdir, steps)
-        info = {"config": "configs/train.py:demo", "stages": list(STAGES), "num_steps": int(config.num_steps),
-                "batch_size": int(config.batch_size), "train_seconds_this_run": seconds, "resumed": resumed, "steps": steps,
+        info = {"config": "configs/train.py:demo", "stages": list(STAGES), "steps": steps,
+                "train_seconds_this_run": seconds, "resumed": resumed,
                 "held_out": HELD_OUT, "manifest": [json.loads(x) for x in manifest.read_text().splitlines()]}
         export(state.params, config, out, info)
         print(f"weights: {out}")
     if args.stage == "export":  # the latest checkpoint, e.g. of a run that was stopped early
         from medsam2_jax.configs.train import get_config
-
         from medsam2_jax.training.checkpointing import latest_params
 
         step, params = latest_params(workdir / STAGES[-1])
         if step is None:
             raise SystemExit(f"no checkpoint in {workdir / STAGES[-1]}: run the train stage first")
-        export(params, get_config("demo"), out, {"config": "configs/train.py:demo", "num_steps": int(step),
+        export(params, get_config("demo"), out, {"config": "configs/train.py:demo", "steps": {"demo": int(step)},
                                                  "exported_from": str(workdir), "held_out": HELD_OUT})
         print(f"weights of step {step}: {out}")
     if args.stage in ("all", "evaluate"):
