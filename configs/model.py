@@ -183,6 +183,10 @@ def _demo() -> ml_collections.ConfigDict:
     c.memory_attention.dim_feedforward = 256
     # A box also enters as a dense mask prompt (sam2.box_mask_input): learnable from scratch.
     c.box_mask_prompt = True
+    # Tracked frames use the single-mask token, as SAM 2 (not 2.1) does. With three candidates a
+    # from-scratch IoU head, trained towards 0 while tracked masks are still empty, kept picking
+    # an empty candidate although another held the object (measured here, stage-2 probes).
+    c.multimask_output_for_tracking = False
     return c
 
 

@@ -12,10 +12,11 @@ Variants:
   test                                                                 10M test model, tiny clips, for tests
   test_tiny                                                            test model cut down (64 px, one
                                                                        decoder / memory layer): fast compiles
-  demo_images, demo                                                    the shipped demo model from scratch on
+  demo_images, demo_tracking, demo                                     the shipped demo model from scratch on
                                                                        Colin27/AAL + MNI152 tissue, 2 CPU cores,
-                                                                       in two stages: single prompted slices,
-                                                                       then clips (scripts/train_demo_model.py)
+                                                                       in three stages: single prompted slices,
+                                                                       slice pairs, then clips that run past
+                                                                       the object (scripts/train_demo_model.py)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ SHARDING_RULES = (
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = {"test_tiny": "test", "demo_images": "demo"}.get(variant, variant)
+    c.model = {"test_tiny": "test", "demo_images": "demo", "demo_tracking": "demo"}.get(variant, variant)
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
     c.seed = 123
@@ -122,6 +123,9 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.adam_eps = 1e-8
     c.clip_norm = 0.1
     c.freeze = ()  # extra regexes, e.g. (r"^image_encoder\.",) to freeze the image encoder
+    # A fresh run (not a resumed one) starts with local memory cross-attention
+    # (model.memory_attention.local_cross_attention_init): for training the memory path from scratch.
+    c.local_memory_attention_init = False
     c.always_frozen = ALWAYS_FROZEN
     c.loss = ml_collections.ConfigDict(
         dict(mask=20.0, dice=1.0, iou=1.0, object_score=1.0, focal_alpha=0.25, focal_gamma=2.0)
@@ -168,14 +172,20 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             m.memory_attention.num_layers = 1
             m.memory_attention.dim_feedforward = 256
             c.prompts.num_correction_points = 1
-    elif variant in ("demo", "demo_images"):
-        # From scratch on two CPU cores, in two stages. Stage 1 (`demo_images`) trains the encoder
-        # and decoder on single prompted slices (cheap steps, all of them prompted); stage 2
-        # (`demo`) starts from its weights and trains the memory path on short clips of one
-        # object, a third of them running past the object's end (when to stop is most of the
-        # demo's Dice over a whole volume), prompted on the first frame, tracked both ways.
-        # Measured here: stage 1 learns (held-out prompted-slice Dice ~0.6 at 600 steps); stage 2
-        # has not yet learned to track in 800 steps, so no demo weights ship.
+    elif variant in ("demo_images", "demo_tracking", "demo"):
+        # From scratch on two CPU cores, in three stages, each from the previous one's weights:
+        #   demo_images    encoder and decoder on single prompted slices (cheap steps, all prompted);
+        #   demo_tracking  the memory path on slice pairs, conditioned on the GT mask (a clean
+        #                  memory), with the memory cross-attention started local;
+        #   demo           3-slice clips, half of them box- or click-prompted, a fifth running past
+        #                  the object's end.
+        # Measured here (the closing notes of issue 6 hold the numbers): one stage of 5-slice clips
+        # with random memory attention never tracked in 800 steps (its cross-attention collapsed
+        # onto the object pointers); with the local start, 3-slice clips with a third running past
+        # the object still learned to predict nothing on tracked frames in 350 steps, while slice
+        # pairs on GT masks tracked held-out structures after 200 steps. The result tracks well
+        # inside a structure but does not stop at its end (a fourth stage of 4-slice clips, half
+        # running past the end, did not change that), which is what limits its volume Dice.
         c.data.objects_per_clip = 1
         c.data.augment.slice_flip_prob = 0.5
         c.data.augment.rotate_degrees = 15.0
@@ -199,16 +209,25 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             c.prompts.prob_point_input = 0.9
             c.prompts.prob_box_input = 0.8
         else:
-            c.data.clip_length = 5
-            c.data.exit_prob = 0.35
-            c.batch_size = 4
-            c.num_steps = 800
-            c.lr = 1e-3
-            c.warmup_steps = 50
             # Stage 1's image encoder stays as it is: the memory path has everything to learn, and a
             # step without the encoder's backward pass is cheaper.
             c.freeze = (r"^image_encoder\.",)
-            c.prompts.prob_point_input = 0.9
+        if variant == "demo_tracking":
+            c.data.clip_length = 2
+            c.batch_size = 8
+            c.num_steps = 200
+            c.lr = 1e-3
+            c.warmup_steps = 50
+            c.local_memory_attention_init = True
+            c.prompts.prob_point_input = 0.0  # every clip conditioned on its GT mask
+        elif variant == "demo":
+            c.data.clip_length = 3
+            c.data.exit_prob = 0.2
+            c.batch_size = 6
+            c.num_steps = 500
+            c.lr = 5e-4
+            c.warmup_steps = 20
+            c.prompts.prob_point_input = 0.5
             c.prompts.prob_box_input = 0.7
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")

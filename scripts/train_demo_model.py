@@ -9,10 +9,10 @@ Data (shared/DATA.md, installed by scripts/install_data.sh, nothing downloaded):
     volume, so they are never a training object nor a prompt);
   - the MNI152 2009a T1 with its white matter (wm > 127) as one more object;
   - synthetic: both T1s with random ellipsoids painted in at random intensities (4 volumes of 24).
-Training runs `medsam2_jax.training.loop.train` twice, each stage in WORKDIR/<variant>:
-`configs/train.py:demo_images` (single prompted slices, from scratch), then `configs/train.py:demo`
-(clips, from the first stage's weights); killed, it resumes from the last checkpoint when started
-again. Export writes the final params to
+Training runs `medsam2_jax.training.loop.train` once per stage (STAGES, configs/train.py
+variants), each in WORKDIR/<variant> and each from the previous stage's exported weights: single
+prompted slices from scratch, slice pairs on GT masks (the memory path, started local), then
+clips that run past the object; killed, it resumes from the last checkpoint when started again. Export writes the final params to
 WORKDIR/export (Orbax + manifest.json); only if the evaluation beats both baselines are they
 copied to medsam2_jax/weights/medsam2_jax_demo/, the default weights of `medsam2-jax demo`. Evaluation prompts each held-out structure with the box of its central axial
 slice, propagates through the whole volume (forward and backward passes, as `segment` does) and
@@ -123,7 +123,7 @@ def _save(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-STAGES = ("demo_images", "demo")  # configs/train.py variants, in order: single slices, then clips
+STAGES = ("demo_images", "demo_tracking", "demo")  # configs/train.py variants, in order
 
 
 def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
@@ -150,6 +150,20 @@ def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
             export(state.params, config, Path(init), {"config": f"configs/train.py:{variant}",
                                                        "num_steps": int(config.num_steps)})
     return config, state, seconds
+
+
+def training_minutes(stage_dir: Path, log_every: int) -> float:
+    """Time spent in training steps by a stage, over all its runs, from its metrics log (each logged
+    row covers the steps since the previous one at its steps/s; the first row after a resume, the
+    steps since the last multiple of `log_every`)."""
+    minutes, previous = 0.0, 0
+    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "steps_per_s" in row:
+            steps = row["step"] - previous if row["step"] > previous else (row["step"] % log_every or log_every)
+            minutes += steps / row["steps_per_s"] / 60
+            previous = row["step"]
+    return round(minutes, 1)
 
 
 def export(params, config, out_dir: Path, info: dict) -> None:
@@ -268,7 +282,11 @@ def write_card(out: Path) -> None:
         return "\n".join(lines)
 
     held = ", ".join(f"{k} {v}" for k, v in HELD_OUT.items())
-    if "train_seconds_this_run" in info:
+    if "train_minutes" in info:
+        wall = ", ".join(f"{v} {minutes:.0f} min" for v, minutes in info["train_minutes"].items()) + (
+            " (from each stage's metrics log: steps over steps/s, so compiles and pauses between resumed runs"
+            " are left out)")
+    elif "train_seconds_this_run" in info:
         wall = ", ".join(f"{v} {sec / 60:.0f} min" for v, sec in info["train_seconds_this_run"].items()) + (
             " (the last run; it resumed from a checkpoint)" if info.get("resumed") else "")
     else:
@@ -277,14 +295,23 @@ def write_card(out: Path) -> None:
     for variant in STAGES:
         c = get_config(variant)
         p = c.prompts
-        what = ("single slices" if c.data.clip_length == 1 else
-                f"clips of {c.data.clip_length} consecutive slices ({c.data.exit_prob:.0%} of them started near the "
-                "object's last slice, so they run past its end)")
+        what = "single slices" if c.data.clip_length == 1 else f"clips of {c.data.clip_length} consecutive slices"
+        if c.data.exit_prob:
+            what += f" ({c.data.exit_prob:.0%} of them started near the object's last slice, so they run past its end)"
         stage_lines.append(
             f"- `configs/train.py:{variant}`: {info.get('steps', {}).get(variant, c.num_steps)} steps of {c.batch_size} {what}; peak lr {c.lr:g} after "
-            f"{c.warmup_steps} warmup steps{'; image encoder frozen' if c.freeze else ''}; prompts: box {p.prob_point_input * p.prob_box_input:.2f}, click "
+            f"{c.warmup_steps} warmup steps{'; image encoder frozen' if c.freeze else ''}"
+            f"{'; memory cross-attention started local (`local_memory_attention_init`)' if c.local_memory_attention_init else ''}; prompts: box {p.prob_point_input * p.prob_box_input:.2f}, click "
             f"{p.prob_point_input * (1 - p.prob_box_input):.2f}, mask {1 - p.prob_point_input:.2f}.")
     stage_lines = "\n".join(stage_lines)
+    held_rows, mean = results["held_out"], results["held_out_mean"]
+    predicted = np.mean([r["predicted_slices"] for r in held_rows])
+    true = np.mean([r["true_slices"] for r in held_rows])
+    stopping = (f"- On the held-out structures it predicts a mask on {predicted:.0f} of {results['num_slices']} axial "
+                f"slices on average, against {true:.0f} true ones: it tracks inside a structure but does not stop "
+                "where the structure ends, and most of its volume Dice is lost there. Its margin over copying the "
+                f"prompted mask is {mean['dice'] - mean['dice_copy_mask']:+.3f}"
+                f"{'; on the structures seen in training it is below that baseline' if results['seen_mean']['dice'] < results['seen_mean']['dice_copy_mask'] else ''}.")
     text = f"""# medsam2_jax demo model
 
 A **demonstration model, not for clinical or research use.** It exists so that `medsam2-jax demo`
@@ -296,6 +323,8 @@ training pipeline trains. It was trained here, from scratch, on one brain.
   {m.trunk.embed_dim} and stages {tuple(m.trunk.stages)}, one two-way transformer layer in the mask decoder (MLP
   {m.mask_decoder.transformer_mlp_dim}), one memory-attention layer (feed-forward {m.memory_attention.dim_feedforward}), {m.num_maskmem} memories, image size
   {m.image_size} px. {manifest['num_params']:,} parameters, float32, {size_mb:.1f} MB on disk (Orbax).
+- Unlike SAM 2.1: a box also enters as a dense mask prompt (`box_mask_prompt`), and tracked frames
+  use the single-mask output (`multimask_output_for_tracking` {m.multimask_output_for_tracking}).
 - Files: `params/` (Orbax), `manifest.json` (config name), `training.json` (what trained it),
   `eval.json` (every number below).
 
@@ -311,9 +340,10 @@ Held out (both hemispheres, never a training object or prompt): {held}.
 
 ## Training
 `python scripts/train_demo_model.py` (stages: prepare, train, export, evaluate), which runs
-`medsam2_jax.training.loop.train` twice, from scratch and then from the first run's weights:
+`medsam2_jax.training.loop.train` once per stage, from scratch and then each from the previous
+stage's weights:
 {stage_lines}
-- Both: one object per clip, at {m.image_size} px, along a random axis in a random direction, with flips,
+- All stages: one object per clip, at {m.image_size} px, along a random axis in a random direction, with flips,
   rotation, scaling and intensity jitter; prompts on the first frame: a noisy box, one click or the
   GT mask; no correction clicks; the SAM 2 loss (focal 20, Dice 1, IoU 1, object score 1); AdamW
   with warmup and cosine decay to 5% of the peak lr, weight decay {config.weight_decay}, gradient clipping at
@@ -334,6 +364,7 @@ itself filled on every slice. Dice is over the whole volume.
 {table(results['seen'], results['seen_mean'])}
 
 ## Limits
+{stopping}
 - One subject. The held-out structures were never labelled in training, but their image was seen
   (unlabelled) and the test brain is the training brain: this measures prompting and propagation
   on unseen *structures*, not generalisation to new patients, scanners or modalities.
@@ -367,7 +398,8 @@ def main(argv=None) -> int:
         steps = {k: int(v) for k, v in (x.split("=") for x in args.steps.split(",") if x)}
         config, state, seconds = train_model(manifest, workdir, steps)
         info = {"config": "configs/train.py:demo", "stages": list(STAGES), "steps": steps,
-                "train_seconds_this_run": seconds, "resumed": resumed,
+                "train_seconds_this_run": seconds, "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in STAGES},
+                "resumed": resumed,
                 "held_out": HELD_OUT, "manifest": [json.loads(x) for x in manifest.read_text().splitlines()]}
         export(state.params, config, out, info)
         print(f"weights: {out}")

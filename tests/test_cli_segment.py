@@ -110,6 +110,29 @@ def test_demo_runs_and_says_it_is_untrained(tmp_path, capsys, monkeypatch):
     assert "Dice against the AAL label" in (tmp_path / "demo_report.md").read_text()
 
 
+def test_demo_runs_the_shipped_model_and_beats_copying_the_prompted_mask(tmp_path, capsys):
+    """`medsam2-jax demo` with no arguments runs the shipped demo model (scripts/train_demo_model.py),
+    whose target, the left thalamus, was held out of its training. Its Dice must beat the naive
+    baseline, computed here: the prompted slice's true mask copied to every slice."""
+    import re
+
+    from medsam2_jax import weights
+    from medsam2_jax.volumes.io import load_label_volume, load_volume
+
+    shipped = weights.default_checkpoint()
+    assert shipped is not None, "no demo weights in medsam2_jax/weights/medsam2_jax_demo"
+    code, out, err = _run(["demo", "--out-dir", str(tmp_path), "--no-montage"], capsys)
+    assert code == 0, err
+    assert "UNTRAINED" not in err and f"weights: shipped:{shipped.name}" in out
+    dice = float(re.search(r"Dice against the AAL label: ([0-9.]+)", out).group(1))
+    target = load_label_volume(datasets.aal(), load_volume(datasets.colin27())) == cli.DEMO_STRUCTURE[0]
+    z = int(np.argmax(target.sum(axis=(0, 1))))  # the demo's prompted slice
+    copy = np.repeat(target[:, :, z : z + 1], target.shape[2], axis=2)
+    baseline = 2 * (copy & target).sum() / (copy.sum() + target.sum())
+    assert f"copied to every slice: Dice {baseline:.3f}" in out
+    assert dice > baseline, (dice, baseline)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing written
 

@@ -62,3 +62,36 @@ def test_memory_attention_masked_slots_equal_ragged():
     padded = memory_attention(params["memory_attention"], curr, curr_pos, jnp.asarray(mem), jnp.asarray(pos), 8,
                               config, memory_mask=jnp.asarray(keep[None]))
     assert max_abs(padded, ragged) < 1e-5
+
+
+def test_local_cross_attention_init_attends_to_the_same_position():
+    """With the local init, a change in one memory position changes the output mostly at that
+    position; with the random init it spreads over the whole frame."""
+    from medsam2_jax.configs.model import get_config
+    from medsam2_jax.model.memory_attention import local_cross_attention_init
+    from medsam2_jax.model.sam2 import init_params
+
+    config = get_config("demo")
+    random_params = init_params(jax.random.key(0), config)
+    local_params = local_cross_attention_init(random_params, config)
+    r = np.random.default_rng(3)
+    s = config.image_size // 16
+    hw, where = s * s, 2 * s + 5
+    curr, curr_pos = (jnp.asarray(r.standard_normal((1, hw, 256)).astype(np.float32)) for _ in range(2))
+    mem = r.standard_normal((1, hw, 64)).astype(np.float32)
+    mem_pos = jnp.asarray(r.standard_normal((1, hw, 64)).astype(np.float32))
+    bumped = mem.copy()
+    bumped[0, where] += 5.0 * r.standard_normal(64).astype(np.float32)
+
+    def share_at_bump(params):
+        run = lambda m: memory_attention(params["memory_attention"], curr, curr_pos, jnp.asarray(m), mem_pos, 0, config)  # noqa: E731
+        change = np.linalg.norm(np.asarray(run(bumped) - run(mem))[0], axis=-1)
+        return change[where] / change.sum()
+
+    assert share_at_bump(local_params) > 0.3
+    assert share_at_bump(random_params) < 0.1
+    # Only the two biases of the cross-attention change.
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), random_params, local_params)
+    paths = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(changed) if v]
+    assert sorted(paths) == sorted(f"['memory_attention']['layers'][{i}]['cross_attn_image']['{n}']['bias']"
+                                   for i in range(config.memory_attention.num_layers) for n in ("q_proj", "k_proj"))

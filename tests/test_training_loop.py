@@ -263,3 +263,41 @@ def test_two_processes_train_together(manifest, env, tmp_path):
     lines = [next(ln for ln in out.splitlines() if ln.startswith("PARAMS")).split() for out, _ in outs]
     assert {ln[1] for ln in lines} == {"0", "1"} and all(ln[2] == "2" for ln in lines)
     assert lines[0][3] == lines[1][3]
+
+
+def test_bad_init_checkpoint_is_one_clear_line(manifest, tmp_path, capsys):
+    from medsam2_jax.training.cli import main
+
+    missing = tmp_path / "no_weights_here"
+    missing.mkdir()
+    code = main(["--config", "test_tiny", "--workdir", str(tmp_path / "run"), "--init_checkpoint", str(missing),
+                 f"--config.data.manifest={manifest}", "--config.num_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(missing) in err and "not a medsam2_jax checkpoint" in err and "Traceback" not in err
+
+
+def test_initial_state_applies_the_local_memory_attention_init():
+    """A fresh state gets the local cross-attention biases when the config asks, and only then."""
+    import jax
+
+    from medsam2_jax.model.memory_attention import local_cross_attention_init
+    from medsam2_jax.model.sam2 import init_params
+    from medsam2_jax.training import loop, sharding
+    from medsam2_jax.training.optimizer import make_optimizer
+    from medsam2_jax.training.state import TrainState
+
+    config = get_config("test_tiny")
+    mesh = sharding.make_mesh(config.mesh_shape)
+    abstract = jax.eval_shape(lambda k: init_params(k, config.model_config), jax.random.key(0))
+    tx = make_optimizer(abstract, config)
+    shardings = sharding.state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), abstract),
+                                         tx, mesh, config.sharding_rules, min_size_mb=config.fsdp_min_size_mb)
+    plain = loop.initial_state(config, tx, shardings).params
+    config.local_memory_attention_init = True
+    local = loop.initial_state(config, tx, shardings).params
+    expected = local_cross_attention_init(plain, config.model_config)
+    for got, want in zip(jax.tree.leaves(local), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    bias = lambda p: np.asarray(p["memory_attention"]["layers"][0]["cross_attn_image"]["q_proj"]["bias"])  # noqa: E731
+    assert not np.array_equal(bias(plain), bias(local))

@@ -86,3 +86,36 @@ def memory_attention(p, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: 
         t = ln(lp["norm3"], x)
         x = x + layers.linear(lp["linear2"], jax.nn.relu(layers.linear(lp["linear1"], t)))
     return ln(p["norm"], x)
+
+
+def local_cross_attention_init(params, config, magnitude: float = 6.0, pairs_per_axis: int = 8) -> dict:
+    """`params` with every memory-attention layer's cross-attention query and key biases set so
+    that, through RoPE alone, each current-frame position attends mostly to the same position of
+    each spatial memory. For training the memory path from scratch (the demo model): with random
+    projections the cross-attention is near-uniform, its output the same at every position, and
+    the tracker has to discover spatial correspondence by gradient descent, which two CPU cores do
+    not afford. Not used for, or needed by, official SAM 2 weights.
+
+    Both biases get `magnitude` on the real part of the `pairs_per_axis` highest-frequency RoPE
+    pairs of each axis, in every head. A query at p and a key at p' then score
+    magnitude**2 / sqrt(head_dim) * sum over those pairs of cos(freq * (p - p')) from the biases,
+    largest at p = p' (with the defaults and 256-wide heads: 36 at p = p', 3.8 less one step along
+    an axis, 13 less two steps). The projections' weights stay as they are.
+    """
+    ma = config.memory_attention
+    head_dim = ma.d_model // ma.num_heads
+    quarter = head_dim // 4  # RoPE pairs per axis: x pairs first, then y pairs (axial_rope_tables)
+    if not 0 < pairs_per_axis <= quarter:
+        raise ValueError(f"pairs_per_axis must be in 1..{quarter} for {head_dim}-wide heads, got {pairs_per_axis}")
+    real = jnp.concatenate([2 * jnp.arange(pairs_per_axis), 2 * (quarter + jnp.arange(pairs_per_axis))])
+    head = jnp.zeros((head_dim,), jnp.float32).at[real].set(magnitude)
+    bias = jnp.tile(head, ma.num_heads)
+
+    def set_biases(layer):
+        cross = dict(layer["cross_attn_image"])
+        for name in ("q_proj", "k_proj"):
+            cross[name] = dict(cross[name], bias=bias.astype(cross[name]["bias"].dtype))
+        return dict(layer, cross_attn_image=cross)
+
+    memory_attention = dict(params["memory_attention"], layers=[set_biases(lp) for lp in params["memory_attention"]["layers"]])
+    return dict(params, memory_attention=memory_attention)

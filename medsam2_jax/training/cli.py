@@ -89,11 +89,12 @@ def run(args, overrides) -> int:
     if config.model_config.image_size != config.data.image_size:
         raise SystemExit(f"data.image_size {config.data.image_size} differs from the model's "
                          f"{config.model_config.image_size}")
+    from medsam2_jax.convert.checkpoint import CheckpointError
     from medsam2_jax.training.data import DataError
 
     try:
         state = train(config, args.workdir, init_checkpoint=args.init_checkpoint)
-    except DataError as error:  # a user's data problem: one line, no traceback
+    except (DataError, CheckpointError) as error:  # a user's data or weights problem: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info("done at step %d; checkpoints in %s/checkpoints", int(state.step), args.workdir)

@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 
+from medsam2_jax.model.memory_attention import local_cross_attention_init
 from medsam2_jax.model.sam2 import init_params
 from medsam2_jax.training import checkpointing, data, sharding
 from medsam2_jax.training.optimizer import make_optimizer
@@ -33,16 +34,23 @@ def _global(tree, shardings):
 
 
 def initial_state(config, tx, shardings, init_checkpoint: str = ""):
-    """A fresh TrainState laid out by `shardings`: converted SAM 2 weights or random init."""
+    """A fresh TrainState laid out by `shardings`: converted SAM 2 weights or random init, with
+    the memory cross-attention made local first if `config.local_memory_attention_init`."""
     key = jax.random.key(config.seed)
+
+    def prepare(params):
+        if config.get("local_memory_attention_init", False):
+            params = local_cross_attention_init(params, config.model_config)
+        return params
+
     if init_checkpoint:
         from medsam2_jax.convert.checkpoint import load_params
 
         params = _global(load_params(init_checkpoint, config.model_config), shardings.params)
-        create = jax.jit(lambda p: TrainState.create(p, tx, key), out_shardings=shardings)
+        create = jax.jit(lambda p: TrainState.create(prepare(p), tx, key), out_shardings=shardings)
         return create(params)
     init_key, rng = jax.random.split(key)
-    create = jax.jit(lambda: TrainState.create(init_params(init_key, config.model_config), tx, rng),
+    create = jax.jit(lambda: TrainState.create(prepare(init_params(init_key, config.model_config)), tx, rng),
                      out_shardings=shardings)
     return create()
 
