@@ -12,10 +12,11 @@ Data (shared/DATA.md, installed by scripts/install_data.sh, nothing downloaded):
 Training runs `medsam2_jax.training.loop.train` once per stage (STAGES, configs/train.py
 variants), each in WORKDIR/<variant> and each from the previous stage's exported weights: single
 prompted slices from scratch, slice pairs on GT masks (the memory path, started local), then
-clips that run past the object; killed, it resumes from the last checkpoint when started again. Export writes the final params to
-WORKDIR/export (Orbax + manifest.json); only if the evaluation beats both baselines are they
-copied to medsam2_jax/weights/medsam2_jax_demo/, the default weights of `medsam2-jax demo`. Evaluation prompts each held-out structure with the box of its central axial
-slice, propagates through the whole volume (forward and backward passes, as `segment` does) and
+clips that run past the object; killed, it resumes from the last checkpoint when started again.
+Export writes the final params to WORKDIR/export (Orbax + manifest.json); only if the evaluation
+beats both baselines are they copied to medsam2_jax/weights/medsam2_jax_demo/, the default
+weights of `medsam2-jax demo`. Evaluation prompts each held-out structure with the box of its
+central axial slice, propagates through the whole volume (forward and backward passes, as `segment` does) and
 compares its Dice with two naive baselines computed in the same run: the prompted slice's true
 mask copied to every slice, and the box itself filled on every slice. Results go to
 eval.json and the model card's results table.
@@ -298,20 +299,23 @@ def write_card(out: Path) -> None:
         what = "single slices" if c.data.clip_length == 1 else f"clips of {c.data.clip_length} consecutive slices"
         if c.data.exit_prob:
             what += f" ({c.data.exit_prob:.0%} of them started near the object's last slice, so they run past its end)"
+        local = "; memory cross-attention started local (`local_memory_attention_init`)" \
+            if c.local_memory_attention_init else ""
         stage_lines.append(
             f"- `configs/train.py:{variant}`: {info.get('steps', {}).get(variant, c.num_steps)} steps of {c.batch_size} {what}; peak lr {c.lr:g} after "
-            f"{c.warmup_steps} warmup steps{'; image encoder frozen' if c.freeze else ''}"
-            f"{'; memory cross-attention started local (`local_memory_attention_init`)' if c.local_memory_attention_init else ''}; prompts: box {p.prob_point_input * p.prob_box_input:.2f}, click "
+            f"{c.warmup_steps} warmup steps{'; image encoder frozen' if c.freeze else ''}{local}; prompts: box "
+            f"{p.prob_point_input * p.prob_box_input:.2f}, click "
             f"{p.prob_point_input * (1 - p.prob_box_input):.2f}, mask {1 - p.prob_point_input:.2f}.")
     stage_lines = "\n".join(stage_lines)
-    held_rows, mean = results["held_out"], results["held_out_mean"]
+    held_rows, mean, seen = results["held_out"], results["held_out_mean"], results["seen_mean"]
+    below_on_seen = seen["dice"] < seen["dice_copy_mask"]
     predicted = np.mean([r["predicted_slices"] for r in held_rows])
     true = np.mean([r["true_slices"] for r in held_rows])
     stopping = (f"- On the held-out structures it predicts a mask on {predicted:.0f} of {results['num_slices']} axial "
                 f"slices on average, against {true:.0f} true ones: it tracks inside a structure but does not stop "
                 "where the structure ends, and most of its volume Dice is lost there. Its margin over copying the "
                 f"prompted mask is {mean['dice'] - mean['dice_copy_mask']:+.3f}"
-                f"{'; on the structures seen in training it is below that baseline' if results['seen_mean']['dice'] < results['seen_mean']['dice_copy_mask'] else ''}.")
+                f"{'; on the structures seen in training it is below that baseline' if below_on_seen else ''}.")
     text = f"""# medsam2_jax demo model
 
 A **demonstration model, not for clinical or research use.** It exists so that `medsam2-jax demo`
@@ -398,8 +402,8 @@ def main(argv=None) -> int:
         steps = {k: int(v) for k, v in (x.split("=") for x in args.steps.split(",") if x)}
         config, state, seconds = train_model(manifest, workdir, steps)
         info = {"config": "configs/train.py:demo", "stages": list(STAGES), "steps": steps,
-                "train_seconds_this_run": seconds, "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in STAGES},
-                "resumed": resumed,
+                "train_seconds_this_run": seconds, "resumed": resumed,
+                "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in STAGES},
                 "held_out": HELD_OUT, "manifest": [json.loads(x) for x in manifest.read_text().splitlines()]}
         export(state.params, config, out, info)
         print(f"weights: {out}")

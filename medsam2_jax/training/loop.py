@@ -39,7 +39,7 @@ def initial_state(config, tx, shardings, init_checkpoint: str = ""):
     key = jax.random.key(config.seed)
 
     def prepare(params):
-        if config.get("local_memory_attention_init", False):
+        if config.local_memory_attention_init:
             params = local_cross_attention_init(params, config.model_config)
         return params
 
