@@ -131,7 +131,7 @@ def forward_sam_heads(params, backbone_features, config, point_coords=None, poin
     pe_params = params["sam_prompt_encoder"]
     sparse, dense = prompt_encoder(pe_params, config, point_coords, point_labels, mask_inputs)
     if box_prompt:  # a frame without a box (a click, or tracking) gets SAM 2's "no mask" embedding
-        has_box = _has_box(point_labels, point_mask)
+        has_box = _has_box(point_labels, _valid_points(point_labels, point_mask))
         no_mask = jnp.broadcast_to(pe_params["no_mask_embed"][0], dense.shape).astype(dense.dtype)
         dense = jnp.where(has_box[:, None, None, None], dense, no_mask)
     token_mask = None
@@ -196,9 +196,9 @@ def box_mask_input(point_coords, point_labels, point_mask, config, size: int):
     trained from scratch learns much faster than the sparse corner tokens alone (in a 150-step
     probe on box-prompted slices only the dense box learned). Official SAM 2 weights do not use this.
     """
-    valid = point_labels >= 0 if point_mask is None else point_mask & (point_labels >= 0)
+    valid = _valid_points(point_labels, point_mask)
     corner = lambda label: jnp.sum(jnp.where(((point_labels == label) & valid)[..., None], point_coords, 0.0), 1)  # noqa: E731
-    has_box = _has_box(point_labels, point_mask)
+    has_box = _has_box(point_labels, valid)
     (x0, y0), (x1, y1) = jnp.moveaxis(corner(2), -1, 0), jnp.moveaxis(corner(3), -1, 0)
     centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (config.image_size / size)
     inside_x = (centres[None, :] >= x0[:, None]) & (centres[None, :] <= x1[:, None] + 1.0)
@@ -207,9 +207,13 @@ def box_mask_input(point_coords, point_labels, point_mask, config, size: int):
     return jnp.where(inside, 10.0, -10.0)[..., None].astype(jnp.float32)
 
 
-def _has_box(point_labels, point_mask):
+def _valid_points(point_labels, point_mask):
+    """(B, N) real, non-padding points."""
+    return point_labels >= 0 if point_mask is None else point_mask & (point_labels >= 0)
+
+
+def _has_box(point_labels, valid):
     """(B,) whether the prompt holds a box (valid points labelled 2 and 3)."""
-    valid = point_labels >= 0 if point_mask is None else point_mask & (point_labels >= 0)
     return jnp.any((point_labels == 2) & valid, 1) & jnp.any((point_labels == 3) & valid, 1)
 
 
