@@ -54,7 +54,8 @@ SHARDING_RULES = (
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = {"test_tiny": "test", "demo_images": "demo", "demo_tracking": "demo"}.get(variant, variant)
+    c.model = {"test_tiny": "test", "demo_images": "demo", "demo_tracking": "demo", "demo_stop": "demo"}.get(
+        variant, variant)
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
     c.seed = 123
@@ -66,6 +67,7 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.data.objects_per_clip = 3  # N; clips with fewer objects are padded and masked
     c.data.slice_axis = "random"  # 0, 1, 2 (canonical RAS voxel axes) or "random"
     c.data.exit_prob = 0.0  # share of clips started near the anchor's last slice, so they run past its end
+    c.data.max_slice_stride = 1  # frames every k-th slice, k uniform in 1..max per clip (thicker slices)
     c.data.image_size = c.model_config.image_size
     c.data.on_bad_record = "skip"  # "skip" (log a warning naming the file) or "raise"
     c.data.num_epochs = -1  # -1 repeats forever
@@ -128,7 +130,9 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.local_memory_attention_init = False
     c.always_frozen = ALWAYS_FROZEN
     c.loss = ml_collections.ConfigDict(
-        dict(mask=20.0, dice=1.0, iou=1.0, object_score=1.0, focal_alpha=0.25, focal_gamma=2.0)
+        dict(mask=20.0, dice=1.0, iou=1.0, object_score=1.0, focal_alpha=0.25, focal_gamma=2.0,
+             # SAM 2's focal_alpha_obj_score / focal_gamma_obj_score: -1 / 0 is plain BCE.
+             object_score_alpha=-1.0, object_score_gamma=0.0)
     )
 
     # Mesh and sharding (sharding.py). -1 takes all remaining devices.
@@ -172,7 +176,7 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             m.memory_attention.num_layers = 1
             m.memory_attention.dim_feedforward = 256
             c.prompts.num_correction_points = 1
-    elif variant in ("demo_images", "demo_tracking", "demo"):
+    elif variant in ("demo_images", "demo_tracking", "demo", "demo_stop"):
         # From scratch on two CPU cores, in three stages, each from the previous one's weights:
         #   demo_images    encoder and decoder on single prompted slices (cheap steps, all prompted);
         #   demo_tracking  the memory path on slice pairs, conditioned on the GT mask (a clean
@@ -229,6 +233,16 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             c.warmup_steps = 20
             c.prompts.prob_point_input = 0.5
             c.prompts.prob_box_input = 0.7
+        elif variant == "demo_stop":
+            c.data.clip_length = 3
+            c.data.exit_prob = 0.5
+            c.data.max_slice_stride = 3
+            c.batch_size = 6
+            c.num_steps = 400
+            c.lr = 3e-4
+            c.warmup_steps = 20
+            c.prompts.prob_point_input = 0.6
+            c.prompts.prob_box_input = 0.8
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
     return c

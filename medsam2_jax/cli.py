@@ -109,6 +109,8 @@ def _prompts(args, volume):
     sources = [bool(args.box or args.point or args.neg_point), bool(args.prompts), bool(args.seed)]
     if sum(sources) != 1:
         raise UserError("give the prompt one way: --box/--point, --prompts FILE.json, or --seed LABELS.nii.gz")
+    if args.z_range and not (args.box or args.point or args.neg_point):
+        raise UserError("--z-range goes with --box/--point; in a --prompts file give each object a \"z_range\"")
     if args.prompts:
         return P.load_prompt_file(args.prompts, volume)
     if args.seed:
@@ -127,9 +129,22 @@ def _prompts(args, volume):
             objects.append({"id": 1})
         objects[0]["points"] = [[x, y, z] for ((x, y), z), _ in clicks]
         objects[0]["point_labels"] = [label for _, label in clicks]
+    if args.z_range:
+        z_range = _parse_z_range(args.z_range)
+        for entry in objects:
+            entry["z_range"] = z_range
     # Without --axis, Z is the file's third voxel axis, whatever its anatomical direction.
     axis = args.axis if args.axis else P.canonical_axis_of_file_axis(volume, 2)
     return P.build_prompts(volume, objects, space=args.space, axis=axis)
+
+
+def _parse_z_range(text: str) -> list[float]:
+    """'Z0:Z1' -> [Z0, Z1] (the first and last slice, in the prompts' Z)."""
+    try:
+        first, last = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"cannot read --z-range {text!r}; expected Z0:Z1, the structure's first and last slice") from None
+    return [first, last]
 
 
 def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
@@ -141,7 +156,8 @@ def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
     cond_slots = max(len(prompts.prompted_slices(o)) for o in prompts.object_ids)
     tracker_config = get_tracker_config(memory_policy=args.policy, max_cond_frames=cond_slots)
     predictor = VideoPredictor(params, config, tracker_config)
-    total = 2 * prompts.num_slices
+    first, last = prompts.tracked_range()
+    total = 2 * (last - first + 1)
     if args.multi_orientation:
         total = 2 * sum(volume.shape)
     bar = _progress_bar(total, "slices")
@@ -290,11 +306,15 @@ DEMO_STRUCTURE = (77, "left thalamus")  # an AAL region of Colin27
 
 
 def cmd_demo(args) -> int:
-    """Colin27 T1 + one box on the central slice of an AAL structure -> labels, montage, report."""
+    """Colin27 T1 + one box on the largest slice of an AAL structure -> labels, montage, report,
+    measured against the AAL label next to the naive baselines (medsam2_jax.evaluation)."""
     import time
 
     from medsam2_jax import datasets
+    from medsam2_jax.evaluation import evaluate as E
+    from medsam2_jax.evaluation.sets import Structure
     from medsam2_jax.volumes.io import load_label_volume, load_volume
+    from medsam2_jax.volumes.montage import truth_montage_slices, write_montage
     from medsam2_jax.volumes.prompts import build_prompts
     from medsam2_jax.volumes.output import atomic_path
 
@@ -303,28 +323,47 @@ def cmd_demo(args) -> int:
     volume = load_volume(datasets.colin27())
     atlas = load_label_volume(datasets.aal(), volume)
     label, name = DEMO_STRUCTURE
-    target = atlas == label
-    z = int(np.argmax(target.sum(axis=(0, 1))))  # the structure's largest axial slice
-    ys, xs = np.nonzero(target[:, :, z].T)  # rows are canonical axis 1, columns axis 0
-    box = [[int(xs.min()), int(ys.min()), z], [int(xs.max()), int(ys.max()), z]]
-    prompts = build_prompts(volume, [{"id": 1, "name": name, "boxes": [box]}], space="canonical", axis="axial")
+    structure = Structure(name, "colin27", label, volume, atlas == label, axis=2)
+    options = E.Options(protocol="box_largest")
+    entry = E.make_prompt(structure, options, np.random.default_rng(0))
+    prompts = build_prompts(volume, [entry], space="canonical", axis="axial")
+    z = prompts.prompts[0].slice_index
     params, config, checkpoint = _model(args)
     t0 = time.perf_counter()
     result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
     seconds = time.perf_counter() - t0
+    montage, args.no_montage = not args.no_montage, True  # the demo draws its own: prediction and truth
     paths = _write_outputs(volume, prompts, result, out_dir / "demo_labels.nii.gz", config, checkpoint, args, params)
     pred = result.labels == 1
-    dice = 2 * (pred & target).sum() / max(pred.sum() + target.sum(), 1)
-    # What a model has to beat: the prompted slice's true mask copied to every slice.
-    copy = np.repeat(target[:, :, z : z + 1], target.shape[2], axis=2)
-    copy_dice = 2 * (copy & target).sum() / max(copy.sum() + target.sum(), 1)
+    if montage:
+        paths["montage"] = write_montage(
+            volume, result.labels, out_dir / "demo_labels_montage.png", prompts=prompts, truth=structure.target,
+            slices=truth_montage_slices(structure.target, 2, (z,)),
+            title=f"Colin27, AAL {label} ({name}): prediction vs AAL label; {config.name}, {checkpoint}")
+    scores = {"model": E.score(pred, structure, z, options.tolerance_mm)}
+    for baseline, mask in E.baselines(structure, z, entry).items():
+        scores[baseline] = E.score(mask, structure, z, options.tolerance_mm)
+    truth = scores["model"]["range"]
+
+    def line(method):
+        x = scores[method]
+        r = x["range"]
+        span = "nothing" if r["pred_first"] is None else f"slices {r['pred_first']}-{r['pred_last']}"
+        return (f"| {E.LABELS[method]} | {x['dice']:.3f} | {x['nsd']:.3f} | {E._fmt(x['hd95'], 1)} | {span} "
+                f"({r['slices_predicted']} slices, {r['predicted_outside']} outside the truth) |")
+
     report = "\n".join([
         "# medsam2-jax demo",
-        f"volume: Colin27 T1 ({'x'.join(map(str, volume.shape))}), structure: AAL {label} ({name})",
-        f"prompt: one box on axial slice {z}, propagated forward and backward",
+        f"volume: Colin27 T1 ({'x'.join(map(str, volume.shape))}), structure: AAL {label} ({name}), "
+        f"true axial slices {truth['true_first']}-{truth['true_last']}",
+        f"prompt: one box on axial slice {z} (the structure's largest), propagated forward and backward",
         f"model: {config.name} at {config.image_size} px, weights: {checkpoint}",
-        f"Dice against the AAL label: {dice:.3f}",
-        f"naive baseline, the prompted slice's true mask copied to every slice: Dice {copy_dice:.3f}",
+        "",
+        f"| against the AAL label | Dice | NSD ({options.tolerance_mm:g} mm) | HD95 (mm) | predicted |",
+        "|---|---|---|---|---|",
+        *(line(m) for m in ("model", "copy_mask", "box", "copy_mask_in_range")),
+        "",
+        "(the in-range copy is told where the structure ends: the ceiling for stopping, not a baseline)",
         f"segmentation time: {seconds:.1f} s for {volume.shape[2]} slices x 2 passes",
         *(f"{k}: {v}" for k, v in paths.items()),
     ]) + "\n"
@@ -389,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt seed objects on their largest slice with a box or their mask")
     q.add_argument("--space", choices=("voxel", "canonical", "world", "world_lps"), default="voxel")
     q.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slice axis (default: the file's third axis)")
+    q.add_argument("--z-range", metavar="Z0:Z1",
+                   help="the structure's first and last slice (in the prompts' Z): propagation stays inside, "
+                   "nothing is segmented beyond (a box plus a slice range, as 3D Slicer's MedSAM plugins ask)")
     model_options(q)
     q.set_defaults(func=cmd_segment)
 
@@ -416,7 +458,85 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default="medsam2_demo", help="where to write the outputs (default: ./medsam2_demo)")
     model_options(d)
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="measure a model on labelled volumes against the truth and naive baselines",
+        description="Prompt each labelled structure once (a box or a click on one slice), propagate through "
+        "the volume, and report per structure volume Dice, NSD, HD95, the predicted slice range and per-slice "
+        "Dice against the distance from the prompt, next to three naive baselines (the prompted slice's true "
+        "mask copied to every slice, copied inside the true slice range, the box on every slice), and the model "
+        "given the true slice range as well. Writes evaluation.json, evaluation.md and evaluation.png.",
+    )
+    e.add_argument("--set", dest="structure_set", default=None,
+                   help="a built-in structure set: aal_held_out (default), aal_seen, stardist3d")
+    e.add_argument("--manifest", help="a JSONL/CSV manifest of image/label pairs (the training format) instead of --set")
+    e.add_argument("--protocol", choices=("box_largest", "box_central", "click"), default="box_central",
+                   help="the one prompt: a box on the largest or the central slice, or a click (default: box_central)")
+    e.add_argument("--jitter", type=float, default=0.0,
+                   help="box perturbation: move each box edge by up to this fraction of the box side (default 0)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the box jitter (default 0)")
+    e.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    e.add_argument("--no-z-range", action="store_true", help="skip the box + true slice range run")
+    e.add_argument("--limit", type=int, help="evaluate only the first N structures")
+    e.add_argument("--out-dir", default="medsam2_eval", help="where to write the report (default: ./medsam2_eval)")
+    e.add_argument("--checkpoint", help="our converted checkpoint folder (default: the shipped weights)")
+    e.add_argument("--config", default=None, help="model variant (default: the checkpoint's)")
+    e.add_argument("--policy", default="fifo", help="memory policy (default: fifo, SAM 2's)")
+    e.add_argument("--window", help="CT window by name for every volume (default: each manifest entry's own)")
+    e.set_defaults(func=cmd_evaluate)
     return parser
+
+
+def cmd_evaluate(args) -> int:
+    from medsam2_jax.evaluation import evaluate as E
+    from medsam2_jax.evaluation import sets
+    from medsam2_jax.tracker.config import get_tracker_config
+    from medsam2_jax.tracker.policies import REGISTRY
+    from medsam2_jax.tracker.predictor import VideoPredictor
+    from medsam2_jax.volumes.output import check_output_folder
+
+    if args.manifest and args.structure_set:
+        raise UserError("give --set or --manifest, not both")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of structures")
+    if args.policy not in REGISTRY:
+        raise UserError(f"unknown --policy {args.policy!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    try:
+        options = E.Options(protocol=args.protocol, jitter=args.jitter, seed=args.seed,
+                            tolerance_mm=args.tolerance_mm, z_range=not args.no_z_range, window=args.window)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir / "evaluation.json")
+    try:
+        if args.manifest:
+            structures = sets.from_manifest(args.manifest, limit=args.limit)
+        else:
+            structures = sets.built_in(args.structure_set or "aal_held_out", limit=args.limit)
+    except ValueError as error:  # DataError and unknown set names
+        raise UserError(str(error)) from None
+    params, config, checkpoint = _model(args)
+    predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy, max_cond_frames=1))
+    runs = 2 if options.z_range else 1
+    bar = _progress_bar(runs * 2 * sum(s.target.shape[s.axis] for s in structures), "slices")
+    try:
+        results = E.evaluate(structures, predictor, options, policy=args.policy, progress=bar.update,
+                             log=lambda line: print(line, flush=True))
+    finally:
+        bar.close()
+    results["checkpoint"], results["config"] = checkpoint, config.name
+    results["structures"] = args.manifest or args.structure_set or "aal_held_out"
+    paths = E.write_report(results, out_dir, title=f"{results['structures']}: {config.name}, {checkpoint}")
+    summary = results["summary"]
+    for m in E.methods(results["rows"]):
+        s = summary[m]
+        print(f"{E.LABELS[m]:36s} Dice {s['dice']:.3f}  NSD {s['nsd']:.3f}  HD95 {E._fmt(s['hd95'], 1)} mm  "
+              f"range ok {s['range_within_25pct']}/{summary['num_structures']}")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

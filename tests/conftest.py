@@ -5,3 +5,20 @@ import jax  # noqa: E402
 
 # Parity tests compare float32 against float32 CPU torch.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_predictor():
+    """A VideoPredictor over the shipped demo weights (one cond slot), built once per session."""
+    from medsam2_jax import weights
+    from medsam2_jax.configs.model import get_config
+    from medsam2_jax.convert.checkpoint import load_params
+    from medsam2_jax.tracker.config import get_tracker_config
+    from medsam2_jax.tracker.predictor import VideoPredictor
+
+    shipped = weights.default_checkpoint()
+    assert shipped is not None, "no demo weights in medsam2_jax/weights/medsam2_jax_demo"
+    config = get_config(shipped.config)
+    return VideoPredictor(load_params(shipped.path, config), config, get_tracker_config(max_cond_frames=1))

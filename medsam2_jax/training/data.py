@@ -8,13 +8,14 @@ The iterator's state is a small dict (`get_state()`) that checkpointing.py saves
 
 A clip: pick the slice axis (config or random), an anchor object, a start slice where the anchor
 appears (so the first frame can be a conditioning frame), T consecutive slices, and up to N
-objects present in the first frame; then one affine per clip (resize to S x S, flips, rotation,
+objects present in the first frame (with `max_slice_stride` > 1, every k-th slice for a k drawn per
+clip); then one affine per clip (resize to S x S, flips, rotation,
 scale, shift) and an intensity jitter. Record layout (numpy, batched with a leading B):
   image         (T, S, S)     float32 in [0, 1] (grey; the train step makes RGB + normalises)
   masks         (T, N, S, S)  uint8 {0, 1}
   object_valid  (N,)          bool, False for padding objects
   object_ids    (N,)          int32 label values (0 for padding)
-  entry, axis, start          int32: manifest line index, slice axis, first slice
+  entry, axis, start, stride  int32: manifest line index, slice axis, first slice, slices between frames
 
 Bad entries (a garbage manifest line, a missing or unreadable file, a label grid that does not
 match its image, no labelled voxels, too few slices) raise `DataError` naming the file, or with
@@ -205,6 +206,7 @@ class ClipConfig:
     gamma: float = 0.2
     slice_flip_prob: float = 0.0  # reverse the slice order, so clips are tracked in both directions
     exit_prob: float = 0.0  # start near the anchor's last slice, so the clip runs past its end
+    max_slice_stride: int = 1  # frames are every k-th slice, k drawn from 1..max_slice_stride per clip
 
     @classmethod
     def from_config(cls, data_config) -> "ClipConfig":
@@ -214,7 +216,8 @@ class ClipConfig:
                    hflip_prob=a.hflip_prob, vflip_prob=a.vflip_prob, rotate_degrees=a.rotate_degrees,
                    scale_range=tuple(a.scale_range), translate_fraction=a.translate_fraction,
                    brightness=a.brightness, contrast=a.contrast, gamma=a.gamma,
-                   slice_flip_prob=a.get("slice_flip_prob", 0.0), exit_prob=data_config.get("exit_prob", 0.0))
+                   slice_flip_prob=a.get("slice_flip_prob", 0.0), exit_prob=data_config.get("exit_prob", 0.0),
+                   max_slice_stride=data_config.get("max_slice_stride", 1))
 
     def without_augmentation(self) -> "ClipConfig":
         return dataclasses.replace(self, **NO_AUGMENTATION)
@@ -314,15 +317,22 @@ def sample_clip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     if cfg.slice_flip_prob > 0 and rng.random() < cfg.slice_flip_prob:
         image, labels = np.flip(image, axis), np.flip(labels, axis)  # `start` then counts from the far end
     anchor = ids[rng.integers(ids.size)]
+    # Frames every `stride` slices (thicker slices, larger changes between frames); drawn only
+    # when allowed, so clips of the default stride 1 consume the same random numbers as before.
+    stride = 1
+    if cfg.max_slice_stride > 1:
+        stride = int(rng.integers(1, min(cfg.max_slice_stride, (depth - 1) // max(t - 1, 1)) + 1))
+    span = (t - 1) * stride + 1  # slices covered by the clip
     present = np.flatnonzero(np.any(labels == anchor, axis=other_axes))
-    starts = present[present <= depth - t]
+    starts = present[present <= depth - span]
     if cfg.exit_prob > 0 and rng.random() < cfg.exit_prob:
         # Starts from which the clip's last frame lies past the anchor's last slice.
-        exits = starts[starts > present.max() - t + 1]
+        exits = starts[starts > present.max() - span + 1]
         starts = exits if exits.size else starts
-    start = int(rng.choice(starts)) if starts.size else int(min(rng.choice(present), depth - t))
-    image_clip = np.moveaxis(np.take(image, np.arange(start, start + t), axis=axis), axis, 0)
-    label_clip = np.moveaxis(np.take(labels, np.arange(start, start + t), axis=axis), axis, 0)
+    start = int(rng.choice(starts)) if starts.size else int(min(rng.choice(present), depth - span))
+    frames = start + stride * np.arange(t)
+    image_clip = np.moveaxis(np.take(image, frames, axis=axis), axis, 0)
+    label_clip = np.moveaxis(np.take(labels, frames, axis=axis), axis, 0)
     in_first = np.intersect1d(np.unique(label_clip[0]), ids)
     others = in_first[in_first != anchor]
     chosen = [anchor] + list(rng.permutation(others)[: n - 1]) if n > 1 else [anchor]
@@ -340,6 +350,7 @@ def sample_clip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
         "object_ids": object_ids,
         "axis": np.int32(axis),
         "start": np.int32(start),
+        "stride": np.int32(stride),
     }
 
 

@@ -4,8 +4,8 @@ Per frame and object, on the high-resolution mask logits:
   mask   sigmoid focal loss (alpha 0.25, gamma 2), mean over pixels          weight 20
   dice   1 - (2|p.g| + 1) / (|p| + |g| + 1) on sigmoid probabilities          weight 1
   iou    |predicted IoU - IoU of (logits > 0) with the GT|, mean over masks  weight 1
-  class  BCE (focal with alpha -1, gamma 0) of the object-score logit
-         against "GT mask non-empty"                                         weight 1
+  class  BCE (focal with alpha -1, gamma 0; both configurable) of the object-score
+         logit against "GT mask non-empty"                                   weight 1
 With M > 1 masks only the mask with the lowest 20*focal + dice is back-propagated for mask and
 dice; the IoU term supervises all M (`supervise_all_iou=True`). Mask, dice and IoU are zeroed
 for objects absent from the GT frame. Every term is divided by the number of objects and summed
@@ -70,11 +70,13 @@ def actual_iou(logits, targets):
 
 
 def frame_losses(pred_masks, pred_ious, object_score_logits, gt_masks, *, focal_alpha=0.25, focal_gamma=2.0,
-                 weights=None) -> dict:
+                 weights=None, score_alpha=-1.0, score_gamma=0.0) -> dict:
     """One frame: per-object terms (O,), before division by the number of objects.
 
     pred_masks (O, M, H, W) logits; pred_ious (O, M); object_score_logits (O,) or (O, 1);
-    gt_masks (O, H, W) binary.
+    gt_masks (O, H, W) binary. score_alpha/score_gamma: the object-score loss's focal parameters
+    (SAM 2's `focal_alpha_obj_score`/`focal_gamma_obj_score`; -1/0 is plain BCE, an alpha in
+    [0, 1] weights present frames by alpha and absent ones by 1 - alpha).
     """
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     gt = gt_masks.astype(jnp.float32)[:, None]  # (O, 1, H, W), broadcast over M
@@ -91,12 +93,12 @@ def frame_losses(pred_masks, pred_ious, object_score_logits, gt_masks, *, focal_
         "loss_mask": focal[:, 0] * present,
         "loss_dice": dice[:, 0] * present,
         "loss_iou": iou.mean(-1) * present,
-        "loss_class": sigmoid_focal_loss(score, present, alpha=-1.0, gamma=0.0),
+        "loss_class": sigmoid_focal_loss(score, present, alpha=score_alpha, gamma=score_gamma),
     }
 
 
 def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid=None, *, frame_valid=None,
-              focal_alpha=0.25, focal_gamma=2.0, weights=None) -> dict:
+              focal_alpha=0.25, focal_gamma=2.0, weights=None, score_alpha=-1.0, score_gamma=0.0) -> dict:
     """SAM 2's loss over a clip. Returns the four terms and `core_loss`, their weighted sum.
 
     pred_masks (T, O, M, H, W) high-res mask logits; pred_ious (T, O, M); object_score_logits
@@ -108,7 +110,8 @@ def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid
     num_frames, num_objects = gt_masks.shape[:2]
     valid = jnp.ones((num_objects,), jnp.float32) if object_valid is None else object_valid.astype(jnp.float32)
     per_frame = jax.vmap(lambda m, i, s, g: frame_losses(m, i, s, g, focal_alpha=focal_alpha,
-                                                         focal_gamma=focal_gamma, weights=weights))(
+                                                         focal_gamma=focal_gamma, weights=weights,
+                                                         score_alpha=score_alpha, score_gamma=score_gamma))(
         pred_masks, pred_ious, object_score_logits, gt_masks)
     if frame_valid is not None:
         per_frame = {k: v * jnp.broadcast_to(frame_valid, v.shape).astype(jnp.float32) for k, v in per_frame.items()}
@@ -125,4 +128,6 @@ def weights_from_config(loss_config) -> dict:
                  "loss_class": loss_config.object_score},
         focal_alpha=loss_config.focal_alpha,
         focal_gamma=loss_config.focal_gamma,
+        score_alpha=loss_config.get("object_score_alpha", -1.0),
+        score_gamma=loss_config.get("object_score_gamma", 0.0),
     )

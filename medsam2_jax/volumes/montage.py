@@ -19,6 +19,7 @@ from medsam2_jax.volumes.output import atomic_path
 from medsam2_jax.volumes.prompts import SlicePrompt, VolumePrompts, axis_name, canonical_axis
 
 PANEL_INCHES = 3.0
+PREDICTION_COLOUR, TRUTH_COLOUR = "#ff7f0e", "#2ca02c"  # orange, green
 
 
 def montage_slices(labels: np.ndarray, axis: int, prompted: tuple[int, ...] = (), count: int = 8) -> list[int]:
@@ -31,23 +32,41 @@ def montage_slices(labels: np.ndarray, axis: int, prompted: tuple[int, ...] = ()
     return sorted(set(spaced.tolist()) | set(prompted))
 
 
+def truth_montage_slices(truth: np.ndarray, axis: int, prompted: tuple[int, ...] = (), count: int = 8,
+                         beyond: int = 2, step: int = 4) -> list[int]:
+    """`count` slices evenly over the true extent, the prompted ones, and `beyond` slices past each
+    end `step` slices apart (where a model that stops shows nothing)."""
+    inside = montage_slices(truth, axis, prompted, count)
+    per_slice = np.moveaxis(np.asarray(truth) != 0, axis, 0).reshape(truth.shape[axis], -1).any(axis=1)
+    labelled = np.nonzero(per_slice)[0]
+    if not labelled.size:
+        return inside
+    outside = [labelled[0] - step * k for k in range(1, beyond + 1)] + [labelled[-1] + step * k for k in range(1, beyond + 1)]
+    return sorted(set(inside) | {int(k) for k in outside if 0 <= k < truth.shape[axis]})
+
+
 def write_montage(volume: Volume, labels: np.ndarray, path: str | Path, *, prompts: VolumePrompts | None = None,
                   axis: str | int = "axial", count: int = 8, display: np.ndarray | None = None,
-                  object_names: dict[int, str] | None = None, title: str | None = None) -> Path:
+                  object_names: dict[int, str] | None = None, title: str | None = None,
+                  truth: np.ndarray | None = None, slices: list[int] | None = None) -> Path:
     """labels: integer (X, Y, Z) on the canonical grid; display: the volume in [0, 1] (defaults to
-    a percentile clip of `volume.array`); the slice axis is the prompts' when prompts are given."""
+    a percentile clip of `volume.array`); the slice axis is the prompts' when prompts are given.
+    truth: a reference mask (X, Y, Z) drawn in its own colour next to the prediction; slices: the
+    slices to show (default: the prompted ones and `count` over the labelled extent)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     axis = prompts.axis if prompts is not None else canonical_axis(axis)
     display = intensity.percentile_clip(volume.array) if display is None else display
     prompted = tuple(sorted({p.slice_index for p in prompts.prompts})) if prompts else ()
-    slices = montage_slices(labels, axis, prompted, count)
+    slices = sorted(slices) if slices is not None else montage_slices(labels, axis, prompted, count)
     object_ids = [int(v) for v in np.unique(labels) if v != 0]
     if prompts is not None:
         object_ids = sorted(set(object_ids) | set(prompts.object_ids))
     names = {**(dict(prompts.object_names) if prompts else {}), **(object_names or {})}
     colours = _object_colours(object_ids)
+    if truth is not None:  # prediction against truth: one object, two fixed colours
+        colours = {i: PREDICTION_COLOUR for i in object_ids}
 
     columns = min(4, len(slices))
     rows = -(-len(slices) // columns)
@@ -56,12 +75,17 @@ def write_montage(volume: Volume, labels: np.ndarray, path: str | Path, *, promp
     for panel, slice_index in enumerate(slices):
         ax = figure.add_subplot(rows, columns, panel + 1)
         _draw_slice(ax, volume, display, labels, axis, slice_index, colours)
+        if truth is not None:
+            true_slice = np.take(truth, slice_index, axis).T
+            if true_slice.any():
+                ax.contour(true_slice.astype(np.float32), levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.2,
+                           origin="lower")
         slice_prompts = [p for p in (prompts.prompts if prompts else ()) if p.slice_index == slice_index]
         for prompt in slice_prompts:
             _draw_prompt(ax, prompt, colours.get(prompt.object_id, "white"))
         marker = " (prompt)" if slice_prompts else ""
         ax.set_title(f"{axis_name(axis)} {slice_index}{marker}", color="white", fontsize=9)
-    _legend(figure, object_ids, names, colours)
+    _legend(figure, object_ids, names, colours, truth is not None)
     figure.suptitle(title or Path(volume.source_path).name, color="white", fontsize=10)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100, facecolor="black")
@@ -99,12 +123,15 @@ def _draw_prompt(ax, prompt: SlicePrompt, colour) -> None:
                    linewidths=1.0, origin="lower")
 
 
-def _legend(figure, object_ids: list[int], names: dict[int, str], colours: dict[int, tuple]) -> None:
+def _legend(figure, object_ids: list[int], names: dict[int, str], colours: dict[int, tuple], truth: bool = False) -> None:
     from matplotlib.lines import Line2D
 
     if not object_ids:
         return
     handles = [Line2D([], [], color=colours[i], linewidth=2, label=names.get(i, f"object {i}")) for i in object_ids]
+    if truth:
+        handles = [Line2D([], [], color=PREDICTION_COLOUR, linewidth=2, label="prediction"),
+                   Line2D([], [], color=TRUTH_COLOUR, linewidth=2, label="truth")]
     handles.append(Line2D([], [], color="white", linestyle="--", label="prompt box / mask"))
     figure.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False,
                   labelcolor="white", fontsize=8)

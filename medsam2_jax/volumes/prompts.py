@@ -26,8 +26,11 @@ JSON prompt file (version 1), for many objects at once:
           "name": "left caudate",            # optional
           "points": [[x, y, z], ...],        # optional, coordinates in "space"
           "point_labels": [1, 0, ...],       # optional: 1 foreground (default), 0 background
-          "boxes": [[[x0, y0, z0], [x1, y1, z1]], ...]   # optional: two opposite corners,
-        }                                                #   both on one slice along "axis"
+          "boxes": [[[x0, y0, z0], [x1, y1, z1]], ...],  # optional: two opposite corners,
+                                                         #   both on one slice along "axis"
+          "z_range": [z_first, z_last]       # optional: the object's first and last slice, in
+        }                                    #   the prompts' third coordinate; propagation
+                                             #   stays inside (the 3D box of 3D Slicer's MedSAM)
       ]
     }
 
@@ -77,6 +80,8 @@ class VolumePrompts:
     slice_shape: tuple[int, int]  # (H, W) of the frames the coordinates refer to
     prompts: tuple[SlicePrompt, ...]
     object_names: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    # Per object, the first and last slice (inclusive) it may occupy: propagation stays inside.
+    slice_ranges: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def object_ids(self) -> tuple[int, ...]:
@@ -85,15 +90,27 @@ class VolumePrompts:
     def prompted_slices(self, object_id: int) -> tuple[int, ...]:
         return tuple(sorted(p.slice_index for p in self.prompts if p.object_id == object_id))
 
+    def slice_range(self, object_id: int) -> tuple[int, int]:
+        """The slices `object_id` may occupy (inclusive): its given range, else the whole volume."""
+        return tuple(self.slice_ranges.get(object_id, (0, self.num_slices - 1)))
+
+    def tracked_range(self) -> tuple[int, int]:
+        """The slices any object may occupy (inclusive): what propagation has to cover."""
+        ranges = [self.slice_range(o) for o in self.object_ids]
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
     def to_json(self) -> dict:
         """A JSON-ready summary (masks as voxel count and bounding box) for the sidecar."""
-        return {
+        out = {
             "axis": axis_name(self.axis),
             "num_slices": self.num_slices,
             "slice_shape": list(self.slice_shape),
             "object_names": {str(k): v for k, v in self.object_names.items()},
             "prompts": [_slice_prompt_json(p) for p in self.prompts],
         }
+        if self.slice_ranges:
+            out["slice_ranges"] = {str(k): list(v) for k, v in self.slice_ranges.items()}
+        return out
 
 
 def canonical_axis(axis: str | int) -> int:
@@ -132,14 +149,37 @@ def build_prompts(volume: Volume, objects: Sequence[Mapping], *, space: str = "v
     axis = canonical_axis(axis)
     if not objects:
         raise PromptError("no objects to segment; give at least one point or box")
-    slice_prompts, names = [], {}
+    slice_prompts, names, ranges = [], {}, {}
     for entry in objects:
         object_id = _object_id(entry)
         if object_id in names:
             raise PromptError(f"object id {object_id} is given twice; merge its prompts into one entry")
         names[object_id] = str(entry.get("name", f"object {object_id}"))
         slice_prompts += _object_slice_prompts(volume, entry, object_id, space, axis)
-    return make_volume_prompts(volume, slice_prompts, axis, names)
+        if entry.get("z_range") is not None:
+            ranges[object_id] = _z_range(volume, entry, object_id, space, axis)
+    prompts = make_volume_prompts(volume, slice_prompts, axis, names)
+    return with_slice_ranges(prompts, ranges) if ranges else prompts
+
+
+def _z_range(volume: Volume, entry: Mapping, object_id: int, space: str, axis: int) -> tuple[float, float]:
+    """An object's "z_range": [z0, z1], in the third coordinate of its prompts (voxel space: the
+    file's third axis), -> canonical slice indices along `axis`."""
+    bounds = entry["z_range"]
+    if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b) for b in bounds)):
+        raise PromptError(f"object {object_id}: z_range must be two numbers [z0, z1], got {bounds!r}")
+    points = entry.get("points") or []
+    reference = _as_coordinates(points, (-1, 3), "points")[0] if points else \
+        _as_coordinates(entry["boxes"][0], (2, 3), "box").mean(axis=0)
+    ends = np.stack([reference, reference])
+    ends[:, 2] = bounds
+    canonical = to_canonical_voxels(volume, ends, space)
+    in_plane = np.abs(np.delete(canonical[1] - canonical[0], axis))
+    if (in_plane > 1.0).any():
+        raise PromptError(f"object {object_id}: z_range runs along the file's third axis, which is not the "
+                          f"{axis_name(axis)} slice axis; give the range along the slice axis")
+    return float(canonical[0, axis]), float(canonical[1, axis])
 
 
 def load_prompt_file(path: str | Path, volume: Volume) -> VolumePrompts:
@@ -195,6 +235,26 @@ def make_volume_prompts(volume: Volume, slice_prompts: Iterable[SlicePrompt], ax
         merged[key] = _merge(merged[key], prompt) if key in merged else prompt
     return VolumePrompts(axis, num_slices, slice_shape, tuple(merged[k] for k in sorted(merged)),
                          dict(object_names or {}))
+
+
+def with_slice_ranges(prompts: VolumePrompts, ranges: Mapping[int, Sequence[float]]) -> VolumePrompts:
+    """`prompts` with per-object slice ranges (canonical slice indices along `prompts.axis`,
+    inclusive, either order): each object is segmented only between its first and last slice,
+    which must hold its prompts."""
+    checked = dict(prompts.slice_ranges)
+    for object_id, bounds in ranges.items():
+        if object_id not in prompts.object_ids:
+            raise PromptError(f"a slice range is given for object {object_id}, which has no prompt")
+        lo, hi = sorted(int(np.rint(b)) for b in bounds)
+        if lo < 0 or hi >= prompts.num_slices:
+            raise PromptError(f"object {object_id}: slice range {lo}:{hi} lies outside the volume's "
+                              f"{prompts.num_slices} {axis_name(prompts.axis)} slices (0 to {prompts.num_slices - 1})")
+        outside = [k for k in prompts.prompted_slices(object_id) if not lo <= k <= hi]
+        if outside:
+            raise PromptError(f"object {object_id}: prompted slice {outside[0]} lies outside its slice range "
+                              f"{lo}:{hi}; the range must hold the prompts")
+        checked[object_id] = (lo, hi)
+    return dataclasses.replace(prompts, slice_ranges=checked)
 
 
 def to_model_frame(prompts: VolumePrompts, image_size: int) -> VolumePrompts:

@@ -18,9 +18,12 @@ from collections.abc import Callable
 import numpy as np
 from scipy.special import expit, logit
 
+from medsam2_jax.model.sam2 import NO_OBJ_SCORE
 from medsam2_jax.volumes import intensity
 from medsam2_jax.volumes.io import Volume
 from medsam2_jax.volumes.prompts import SlicePrompt, VolumePrompts, make_volume_prompts
+
+NO_OBJECT_LOGIT = NO_OBJ_SCORE  # the logit of a slice outside an object's range: the tracker's "no object"
 
 
 @dataclasses.dataclass
@@ -36,25 +39,30 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
                    progress: Callable[[int], None] | None = None) -> Segmentation:
     """Propagate every object of `prompts` through `volume` with a `VideoPredictor`.
 
+    Objects with a slice range (`prompts.slice_ranges`) are segmented only inside it: the frames
+    are the slices of the union of the ranges, and each object is empty outside its own.
     `progress(n)` is called with the number of slices just finished (for a progress bar).
     """
     axis = prompts.axis
+    lo, hi = prompts.tracked_range()
     unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
+    if (lo, hi) != (0, prompts.num_slices - 1):  # intensities from the whole volume, frames from the range
+        unit = np.take(unit, np.arange(lo, hi + 1), axis=axis)
     frames = intensity.slices_to_model_input(unit, axis, predictor.image_size)
     state = predictor.init_state(frames, normalized=True, video_hw=prompts.slice_shape)
     for p in prompts.prompts:
         if p.mask is not None:
-            predictor.add_new_mask(state, p.slice_index, p.object_id, p.mask)
+            predictor.add_new_mask(state, p.slice_index - lo, p.object_id, p.mask)
         else:
-            predictor.add_new_points_or_box(state, p.slice_index, p.object_id, points=p.points,
+            predictor.add_new_points_or_box(state, p.slice_index - lo, p.object_id, points=p.points,
                                             labels=p.point_labels, box=p.box)
 
     object_ids = list(prompts.object_ids)
-    n, (h, w) = prompts.num_slices, prompts.slice_shape
+    n, (h, w) = hi - lo + 1, prompts.slice_shape
     passes = {}
     for reverse in (False, True):
         logits = np.full((n, len(object_ids), h, w), np.nan, np.float32)
-        slices = [p.slice_index for p in prompts.prompts]
+        slices = [p.slice_index - lo for p in prompts.prompts]
         start = max(slices) if reverse else min(slices)
         for frame_idx, ids, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
             logits[frame_idx] = _reorder(masks[:, 0], list(ids), object_ids)
@@ -62,8 +70,15 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
                 progress(1)
         passes[reverse] = logits
 
-    merged = _merge_passes(passes[False], passes[True], prompts, object_ids)
-    scores = _slice_scores(predictor, state, object_ids, n)
+    merged = _merge_passes(passes[False], passes[True], prompts, object_ids, offset=lo)
+    # Back on the whole volume: nothing outside an object's range (the tracker's "no object" logit).
+    full = np.full((prompts.num_slices, len(object_ids), h, w), NO_OBJECT_LOGIT, np.float32)
+    full[lo : hi + 1] = merged
+    for j, obj in enumerate(object_ids):
+        first, last = prompts.slice_range(obj)
+        full[:first, j] = full[last + 1 :, j] = NO_OBJECT_LOGIT
+    merged = full
+    scores = _slice_scores(predictor, state, object_ids, n, lo, prompts)
     probabilities = expit(merged)  # (n, objects, h, w)
     labels = _labels(merged, object_ids)
     if largest_component:
@@ -121,7 +136,7 @@ def _reorder(masks, ids, object_ids):
     return np.stack([masks[ids.index(o)] for o in object_ids])
 
 
-def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids):
+def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids, offset: int = 0):
     """Per object and slice, the logits of the pass that started from the nearer prompt.
 
     The forward pass covers every slice at or after an object's first prompt and the backward
@@ -131,7 +146,7 @@ def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids):
     z = np.arange(n)[:, None]
     merged = np.empty_like(forward)
     for j, obj in enumerate(object_ids):
-        prompted = np.asarray(sorted(prompts.prompted_slices(obj)))[None, :]
+        prompted = np.asarray(sorted(prompts.prompted_slices(obj)))[None, :] - offset
         d_fwd = np.where(prompted <= z, z - prompted, np.inf).min(axis=1)
         d_bwd = np.where(prompted >= z, prompted - z, np.inf).min(axis=1)
         fwd, bwd = forward[:, j], backward[:, j]
@@ -169,9 +184,12 @@ def _largest_components(labels, object_ids):
     return out
 
 
-def _slice_scores(predictor, state, object_ids, n):
+def _slice_scores(predictor, state, object_ids, n, offset, prompts: VolumePrompts):
+    """Per object, the object-score logit of every slice of the volume (NaN where not tracked)."""
     scores = {}
     for obj in object_ids:
         per_slice = predictor.object_scores(state, obj)
-        scores[obj] = [float(per_slice.get(k, np.nan)) for k in range(n)]
+        first, last = prompts.slice_range(obj)
+        scores[obj] = [float(per_slice.get(k - offset, np.nan)) if first <= k <= last else float("nan")
+                       for k in range(prompts.num_slices)]
     return scores
