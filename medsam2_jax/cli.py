@@ -227,11 +227,29 @@ def _montage_path(out: Path) -> Path:
     return out.with_name(name + "_montage.png")
 
 
+def _check_options(args) -> None:
+    """Everything that can be checked before any work (a wrong window must not cost a segmentation)."""
+    from medsam2_jax.tracker.policies import REGISTRY
+    from medsam2_jax.volumes import intensity
+
+    if args.policy not in REGISTRY:
+        raise UserError(f"unknown --policy {args.policy!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    level, width = getattr(args, "level", None), getattr(args, "width", None)
+    if args.window is not None or level is not None or width is not None:
+        try:
+            intensity.window_level_width(args.window, level, width)
+        except ValueError as error:
+            raise UserError(f"{error} (--window NAME, or --level L --width W)") from None
+
+
 def cmd_segment(args) -> int:
     from medsam2_jax.volumes.io import load_volume
     from medsam2_jax.volumes.output import check_output_folder
 
     out = Path(args.out)
+    _check_options(args)
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise UserError(f"--out {out}: the label output is NIfTI; give a .nii.gz (or .nii) name")
     check_output_folder(out)  # before the slow part: an unwritable folder fails at once
     volume = load_volume(args.input)
     prompts = _prompts(args, volume)
@@ -318,6 +336,7 @@ def cmd_demo(args) -> int:
     from medsam2_jax.volumes.prompts import build_prompts
     from medsam2_jax.volumes.output import atomic_path
 
+    _check_options(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     volume = load_volume(datasets.colin27())
@@ -492,7 +511,6 @@ def cmd_evaluate(args) -> int:
     from medsam2_jax.evaluation import evaluate as E
     from medsam2_jax.evaluation import sets
     from medsam2_jax.tracker.config import get_tracker_config
-    from medsam2_jax.tracker.policies import REGISTRY
     from medsam2_jax.tracker.predictor import VideoPredictor
     from medsam2_jax.volumes.output import check_output_folder
 
@@ -500,8 +518,7 @@ def cmd_evaluate(args) -> int:
         raise UserError("give --set or --manifest, not both")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number of structures")
-    if args.policy not in REGISTRY:
-        raise UserError(f"unknown --policy {args.policy!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    _check_options(args)
     try:
         options = E.Options(protocol=args.protocol, jitter=args.jitter, seed=args.seed,
                             tolerance_mm=args.tolerance_mm, z_range=not args.no_z_range, window=args.window)

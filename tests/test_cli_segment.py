@@ -169,6 +169,62 @@ def test_demo_runs_the_shipped_model_and_beats_copying_the_prompted_mask(tmp_pat
     assert (tmp_path / "demo_labels_montage.png").is_file()
 
 
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+def _bad(tmp_path, capsys, src, *prompt, extra=()):
+    out = tmp_path / "out" / "seg.nii.gz"
+    out.parent.mkdir(exist_ok=True)
+    code, _, err = _run(["segment", str(src), "--out", str(out), *MODEL, *extra, *prompt], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("medsam2-jax segment: error:")
+    assert not any(out.parent.iterdir()), list(out.parent.iterdir())
+    return err
+
+
+def _nifti(tmp_path, data, name="v.nii.gz"):
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4)), path)
+    return path
+
+
+BOX = ("--box", "2,2,10,10@5")
+
+
+def test_options_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """A wrong window, a level without a width, a window with a level, an unknown policy or a
+    non-NIfTI output name: one line and exit 2 before the volume is even read."""
+    from medsam2_jax.volumes import io
+
+    def no_read(*_, **__):
+        raise AssertionError("the volume was read before the options were checked")
+
+    monkeypatch.setattr(io, "load_volume", no_read)
+    src = tmp_path / "never_read.nii.gz"
+    cases = {("--window", "liver"): "unknown CT window", ("--level", "40"): "needs both a level and a width",
+             ("--window", "brain", "--level", "40"): "not both", ("--policy", "lifo"): "unknown --policy"}
+    for extra, message in cases.items():
+        assert message in _bad(tmp_path, capsys, src, *BOX, extra=extra)
+    code, _, err = _run(["segment", str(src), "--out", str(tmp_path / "x.png"), *BOX, *MODEL], capsys)
+    assert code == 2 and ".nii.gz" in err and len(err.splitlines()) == 1
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the file written must get the umask's mode."""
+    import os
+
+    from medsam2_jax.volumes.output import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_bad_inputs_each_fail_cleanly(tmp_path, capsys):
     rng = np.random.default_rng(0)
     good = rng.random((20, 20, 12)).astype(np.float32)

@@ -28,7 +28,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 def ct_window(hounsfield: np.ndarray, window: str | None = None, *, level: float | None = None,
               width: float | None = None) -> np.ndarray:
     """HU -> [0, 1]: level - width/2 maps to 0, level + width/2 to 1, clipped outside."""
-    level, width = _window_level_width(window, level, width)
+    level, width = window_level_width(window, level, width)
     low = level - width / 2.0
     return np.clip((np.asarray(hounsfield, np.float32) - low) / width, 0.0, 1.0).astype(np.float32)
 
@@ -84,7 +84,7 @@ def _nearest_indices(source_size: int, target_size: int) -> np.ndarray:
     return np.minimum(np.floor(centres).astype(np.int64), source_size - 1)
 
 
-def _window_level_width(window: str | None, level: float | None, width: float | None) -> tuple[float, float]:
+def window_level_width(window: str | None, level: float | None, width: float | None) -> tuple[float, float]:
     if window is not None:
         if level is not None or width is not None:
             raise ValueError(f"give a window name ({window!r}) or a level/width, not both")

@@ -59,6 +59,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except OSError as error:
         raise OutputError(f"{target}: cannot write in {target.parent} ({error.strerror}); choose another folder") from error
     os.close(handle)
+    # mkstemp makes the file 0600 and the rename keeps that: give it what a plain open would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield Path(temporary)
         os.replace(temporary, target)
