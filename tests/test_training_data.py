@@ -158,6 +158,29 @@ def test_exit_prob_runs_clips_past_the_object_end():
     assert starts <= set(range(2, 12)) and len(starts - {9, 10, 11}) >= 5
 
 
+def test_slice_stride_takes_every_kth_slice_and_still_exits():
+    """max_slice_stride=3: frames are every k-th slice for a k in 1..3 (all three drawn), the image
+    and labels follow the same slices, and exit clips still end past the object."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(size=SHAPE).astype(np.float32)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[2:12, 2:9, 10:20] = 3
+    cfg = data.ClipConfig(clip_length=3, objects_per_clip=1, image_size=24, slice_axis=0).without_augmentation()
+    strided = dataclasses.replace(cfg, max_slice_stride=3)
+    seen = set()
+    for seed in range(30):
+        clip = data.sample_clip(image, labels, np.random.default_rng(seed), strided)
+        k, start = int(clip["stride"]), int(clip["start"])
+        seen.add(k)
+        np.testing.assert_allclose(clip["image"], image[start : start + 2 * k + 1 : k], atol=1e-6)
+        np.testing.assert_array_equal(clip["masks"][:, 0], labels[start : start + 2 * k + 1 : k] == 3)
+    assert seen == {1, 2, 3}
+    exiting = dataclasses.replace(strided, exit_prob=1.0)
+    for seed in range(12):
+        masks = data.sample_clip(image, labels, np.random.default_rng(seed), exiting)["masks"][:, 0]
+        assert masks[0].any() and not masks[-1].any()
+
+
 def test_skip_mode_gives_up_when_nothing_reads(tmp_path):
     """Skip mode over a manifest whose every entry fails stops with a clear error instead of
     searching for a good record forever."""
