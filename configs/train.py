@@ -132,7 +132,9 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(
         dict(mask=20.0, dice=1.0, iou=1.0, object_score=1.0, focal_alpha=0.25, focal_gamma=2.0,
              # SAM 2's focal_alpha_obj_score / focal_gamma_obj_score: -1 / 0 is plain BCE.
-             object_score_alpha=-1.0, object_score_gamma=0.0)
+             object_score_alpha=-1.0, object_score_gamma=0.0,
+             # SAM 2 zeroes the mask terms where the object is absent; True trains an empty mask there.
+             mask_on_absent=False)
     )
 
     # Mesh and sharding (sharding.py). -1 takes all remaining devices.

@@ -95,6 +95,23 @@ def test_absent_object_has_only_class_loss():
     assert float(out["loss_class"]) > 0
 
 
+def test_mask_on_absent_trains_an_empty_mask_and_balanced_score():
+    """mask_on_absent: an absent object's mask terms are those of an all-empty target (SAM 2 zeroes
+    them); score_alpha weights the object-score BCE of present frames by alpha, absent by 1 - alpha."""
+    masks, ious, scores, gt, _ = _inputs(3, objects=1)
+    gt[:] = 0
+    out = losses.sam2_loss(masks, ious, scores, gt, mask_on_absent=True)
+    probs = 1 / (1 + np.exp(-masks.astype(np.float64)))
+    assert float(out["loss_dice"]) > 0 and float(out["loss_mask"]) > 0
+    # A single mask (M = 1) against an empty target: Dice loss is 1 - 1 / (sum p + 1), summed over frames.
+    single = losses.sam2_loss(masks[:, :, :1], ious[:, :, :1], scores, gt, mask_on_absent=True)
+    expected = sum(1 - 1 / (probs[t, 0, 0].sum() + 1) for t in range(masks.shape[0]))
+    np.testing.assert_allclose(float(single["loss_dice"]), expected, rtol=1e-5)
+    plain = losses.sam2_loss(masks, ious, scores, gt)
+    half = losses.sam2_loss(masks, ious, scores, gt, score_alpha=0.25)
+    np.testing.assert_allclose(float(half["loss_class"]), 0.75 * float(plain["loss_class"]), rtol=1e-6)
+
+
 def test_gradients_finite_and_only_through_best_mask():
     masks, ious, scores, gt, valid = _inputs(3)
     masks[0, 0, 0, :4] = 80.0  # saturated logits: p_t == 1 exactly, where gamma-0 pow would NaN

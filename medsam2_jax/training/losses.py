@@ -8,7 +8,8 @@ Per frame and object, on the high-resolution mask logits:
          logit against "GT mask non-empty"                                   weight 1
 With M > 1 masks only the mask with the lowest 20*focal + dice is back-propagated for mask and
 dice; the IoU term supervises all M (`supervise_all_iou=True`). Mask, dice and IoU are zeroed
-for objects absent from the GT frame. Every term is divided by the number of objects and summed
+for objects absent from the GT frame (unless `mask_on_absent`: then an empty mask is the target
+there). Every term is divided by the number of objects and summed
 over frames (and over correction steps: fold them into the frame axis, the sum is the same).
 
 Objects are one flat axis O: a batch of B clips with N objects each is O = B*N. Padded objects
@@ -70,13 +71,15 @@ def actual_iou(logits, targets):
 
 
 def frame_losses(pred_masks, pred_ious, object_score_logits, gt_masks, *, focal_alpha=0.25, focal_gamma=2.0,
-                 weights=None, score_alpha=-1.0, score_gamma=0.0) -> dict:
+                 weights=None, score_alpha=-1.0, score_gamma=0.0, mask_on_absent=False) -> dict:
     """One frame: per-object terms (O,), before division by the number of objects.
 
     pred_masks (O, M, H, W) logits; pred_ious (O, M); object_score_logits (O,) or (O, 1);
     gt_masks (O, H, W) binary. score_alpha/score_gamma: the object-score loss's focal parameters
     (SAM 2's `focal_alpha_obj_score`/`focal_gamma_obj_score`; -1/0 is plain BCE, an alpha in
-    [0, 1] weights present frames by alpha and absent ones by 1 - alpha).
+    [0, 1] weights present frames by alpha and absent ones by 1 - alpha). mask_on_absent: also
+    apply the mask, Dice and IoU terms where the object is absent (pushing the mask to empty); SAM 2
+    zeroes them there and leaves absence to the object score alone.
     """
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     gt = gt_masks.astype(jnp.float32)[:, None]  # (O, 1, H, W), broadcast over M
@@ -89,16 +92,18 @@ def frame_losses(pred_masks, pred_ious, object_score_logits, gt_masks, *, focal_
         dice = jnp.take_along_axis(dice, best, axis=-1)
     present = jnp.any(gt_masks > 0, axis=(-2, -1)).astype(jnp.float32)  # (O,)
     score = object_score_logits.reshape(present.shape)
+    counted = jnp.where(mask_on_absent, 1.0, present)
     return {
-        "loss_mask": focal[:, 0] * present,
-        "loss_dice": dice[:, 0] * present,
-        "loss_iou": iou.mean(-1) * present,
+        "loss_mask": focal[:, 0] * counted,
+        "loss_dice": dice[:, 0] * counted,
+        "loss_iou": iou.mean(-1) * counted,
         "loss_class": sigmoid_focal_loss(score, present, alpha=score_alpha, gamma=score_gamma),
     }
 
 
 def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid=None, *, frame_valid=None,
-              focal_alpha=0.25, focal_gamma=2.0, weights=None, score_alpha=-1.0, score_gamma=0.0) -> dict:
+              focal_alpha=0.25, focal_gamma=2.0, weights=None, score_alpha=-1.0, score_gamma=0.0,
+              mask_on_absent=False) -> dict:
     """SAM 2's loss over a clip. Returns the four terms and `core_loss`, their weighted sum.
 
     pred_masks (T, O, M, H, W) high-res mask logits; pred_ious (T, O, M); object_score_logits
@@ -111,7 +116,8 @@ def sam2_loss(pred_masks, pred_ious, object_score_logits, gt_masks, object_valid
     valid = jnp.ones((num_objects,), jnp.float32) if object_valid is None else object_valid.astype(jnp.float32)
     per_frame = jax.vmap(lambda m, i, s, g: frame_losses(m, i, s, g, focal_alpha=focal_alpha,
                                                          focal_gamma=focal_gamma, weights=weights,
-                                                         score_alpha=score_alpha, score_gamma=score_gamma))(
+                                                         score_alpha=score_alpha, score_gamma=score_gamma,
+                                                         mask_on_absent=mask_on_absent))(
         pred_masks, pred_ious, object_score_logits, gt_masks)
     if frame_valid is not None:
         per_frame = {k: v * jnp.broadcast_to(frame_valid, v.shape).astype(jnp.float32) for k, v in per_frame.items()}
@@ -130,4 +136,5 @@ def weights_from_config(loss_config) -> dict:
         focal_gamma=loss_config.focal_gamma,
         score_alpha=loss_config.get("object_score_alpha", -1.0),
         score_gamma=loss_config.get("object_score_gamma", 0.0),
+        mask_on_absent=loss_config.get("mask_on_absent", False),
     )
