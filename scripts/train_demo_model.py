@@ -120,13 +120,14 @@ def _save(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-STAGES = ("demo_images", "demo_tracking", "demo")  # configs/train.py variants, in order
+STAGES = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine")  # configs/train.py variants, in order
 
 
-def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
-    """Both training stages, each in WORKDIR/<variant>; the second starts from the first's final
-    weights (exported to WORKDIR/<variant>/export every time, so they always match its checkpoint).
-    A finished stage restores and runs no steps; a killed one resumes."""
+def train_model(manifest: Path, workdir: Path, steps: dict[str, int], stages=STAGES, init: str = ""):
+    """The training stages, each in WORKDIR/<variant>; each starts from the previous one's final
+    weights (exported to WORKDIR/<variant>/export every time, so they always match its checkpoint),
+    the first from `init` (empty: from scratch). A finished stage restores and runs no steps; a
+    killed one resumes."""
     from medsam2_jax.configs.train import get_config
     from medsam2_jax.training.loop import train
 
@@ -134,15 +135,15 @@ def train_model(manifest: Path, workdir: Path, steps: dict[str, int]):
 
     # A resumed run loads the compiled train step instead of compiling it again.
     jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-    init, seconds = "", {}
-    for variant in STAGES:
+    seconds = {}
+    for variant in stages:
         config = get_config(variant)
         config.data.manifest = str(manifest)
         config.num_steps = steps.setdefault(variant, config.num_steps)
         t0 = time.time()
         state = train(config, workdir / variant, init_checkpoint=init)
         seconds[variant] = round(time.time() - t0, 1)
-        if variant != STAGES[-1]:
+        if variant != stages[-1]:
             init = str(workdir / variant / "export")
             export(state.params, config, Path(init), {"config": f"configs/train.py:{variant}",
                                                        "num_steps": int(config.num_steps)})
@@ -265,6 +266,27 @@ def _rows_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _stopping(results: dict) -> str:
+    """Where the model stops against the truth, in words, from an evaluation."""
+    early = late = 0
+    for r in results["rows"]:
+        x = r["model"]["range"]
+        slack = 0.25 * (x["true_last"] - x["true_first"] + 1)
+        if x["pred_first"] is None:
+            early += 1
+            continue
+        early += x["pred_first"] > x["true_first"] + slack or x["pred_last"] < x["true_last"] - slack
+        late += x["pred_first"] < x["true_first"] - slack or x["pred_last"] > x["true_last"] + slack
+    s = results["summary"]
+    curve = s["model"]["dice_by_distance"]
+    at = ", ".join(f"{curve[k]:.2f} at {k}" for k in (1, 5, 10) if k < len(curve) and curve[k] is not None)
+    return (f"- Stopping: on the {s['num_structures']} held-out structures it predicts {s['model']['slices_predicted']:.0f} "
+            f"slices on average against {s['slices_true']:.0f} true ones, ending too early at one end or both on {early} "
+            f"and running more than 25% past an end on {late}. The decision is a weak one: which structures end "
+            "too early changed from checkpoint to checkpoint. Where it stops early, the slices it leaves out count as "
+            f"misses, so the per-slice Dice over the true slices near the prompt is {at} slices from it.")
+
+
 def write_card(out: Path) -> None:
     """MODEL_CARD.md from the training record (training.json) and the evaluations (eval_*.json)."""
     from medsam2_jax.configs.train import get_config
@@ -369,6 +391,7 @@ The model {verdict}.
 {_means_table(results['eval_stardist3d'])}
 
 ## Limits
+{_stopping(held_out)}
 - One subject. The held-out structures were never labelled in training, but their image was seen
   (unlabelled) and the test brain is the training brain: this measures prompting and propagation
   on unseen *structures*, not generalisation to new patients, scanners or modalities.
@@ -387,6 +410,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=("all", "prepare", "train", "export", "evaluate"), default="all")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "medsam2_jax" / "demo_train"))
     parser.add_argument("--steps", default="", help="override the stages' num_steps, e.g. demo_images=400,demo=600")
+    parser.add_argument("--stages", default="",
+                        help=f"run only these consecutive stages (default: all of {','.join(STAGES)}), e.g. "
+                        "demo_stop,demo_stop_refine with --init")
+    parser.add_argument("--init", default="", help="the weights the first of --stages starts from (an export folder)")
     parser.add_argument("--out", default=None,
                         help="where the exported weights go (default: WORKDIR/export); they are copied into "
                         "the package as the demo's default only when they beat both baselines")
@@ -400,10 +427,15 @@ def main(argv=None) -> int:
     if args.stage in ("all", "train"):
         resumed = any(p.name.isdigit() for p in workdir.glob("*/checkpoints/*"))
         steps = {k: int(v) for k, v in (x.split("=") for x in args.steps.split(",") if x)}
-        config, state, seconds = train_model(manifest, workdir, steps)
-        info = {"config": "configs/train.py:demo", "stages": list(STAGES), "steps": steps,
-                "train_seconds_this_run": seconds, "resumed": resumed,
-                "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in STAGES},
+        stages = tuple(args.stages.split(",")) if args.stages else STAGES
+        unknown = [v for v in stages if v not in STAGES]
+        if unknown or (stages[0] != STAGES[0] and not args.init):
+            raise SystemExit(f"--stages: give consecutive stages of {', '.join(STAGES)}; a later start needs "
+                             f"--init (the previous stage's export){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+        config, state, seconds = train_model(manifest, workdir, steps, stages, args.init)
+        info = {"config": f"configs/train.py:{stages[-1]}", "stages": list(stages), "steps": steps,
+                "init": args.init or None, "train_seconds_this_run": seconds, "resumed": resumed,
+                "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in stages},
                 "held_out": HELD_OUT, "manifest": [json.loads(x) for x in manifest.read_text().splitlines()]}
         export(state.params, config, out, info)
         print(f"weights: {out}")
