@@ -142,7 +142,7 @@ def score(pred: np.ndarray, structure: Structure, z: int, tolerance_mm: float) -
 
 
 def evaluate_structure(structure: Structure, predictor, options: Options, rng: np.random.Generator,
-                       policy: str = "fifo", progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None) -> dict:
     from medsam2_jax.volumes.prompts import build_prompts, with_slice_ranges
     from medsam2_jax.volumes.segment import segment_volume
 
@@ -211,10 +211,11 @@ def dice_by_distance(rows: Sequence[dict], method: str) -> list[float | None]:
 
 def evaluate(structures: Sequence[Structure], predictor, options: Options, *, policy: str = "fifo",
              progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Every structure under `options`; `policy` names the predictor's memory policy in the results."""
     rng = np.random.default_rng(options.seed)
     rows = []
     for s in structures:
-        rows.append(evaluate_structure(s, predictor, options, rng, policy, progress))
+        rows.append(evaluate_structure(s, predictor, options, rng, progress))
         if log is not None:
             r = rows[-1]
             log(f"{s.name}: Dice {r['model']['dice']:.3f}"
