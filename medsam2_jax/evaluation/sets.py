@@ -5,7 +5,6 @@ manifests in the training format (one JSON object or CSV row per image/label pai
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +92,3 @@ def from_manifest(path: str | Path, *, axis: int | None = None, limit: int | Non
                                         target, axis=2 if entry.axis is None and axis is None else
                                         (entry.axis if entry.axis is not None else axis), window=entry.window))
     return structures[:limit]
-
-
-def iter_names() -> Iterator[str]:
-    yield from BUILT_IN
