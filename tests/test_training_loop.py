@@ -218,6 +218,7 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~4 min here; test_training_sharding's 8-device step check (17 s) covers it in the default suite
 def test_sharded_train_step_matches_one_device(env):
     """8 simulated devices, data 2 x fsdp 4, two steps of the real train step against one device.
 
