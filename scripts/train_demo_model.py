@@ -164,6 +164,19 @@ def training_minutes(stage_dir: Path, log_every: int) -> float:
     return round(minutes, 1)
 
 
+def portable(path: str, workdir: Path) -> str:
+    """A training file's path as the record keeps it: relative to WORKDIR, or from its package's
+    folder for the installed data (never this machine's absolute path)."""
+    path = Path(path)
+    if path.is_relative_to(workdir):
+        return "WORKDIR/" + str(path.relative_to(workdir))
+    parts = path.parts
+    for anchor in ("nilearn", "mricron"):
+        if anchor in parts:
+            return str(Path(*parts[parts.index(anchor):]))
+    return path.name
+
+
 def export(params, config, out_dir: Path, info: dict) -> None:
     """Params -> out_dir (replaced atomically: written beside it, then renamed)."""
     import jax
@@ -174,6 +187,8 @@ def export(params, config, out_dir: Path, info: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".demo_export_", dir=out_dir.parent))
     try:
         save_params(params, tmp / "w", config.model_config, source=None)
+        # Orbax writes the absolute path it saved to here; the shipped copy must not name this machine.
+        (tmp / "w" / "params" / "commit_success.txt").write_text("Checkpoint commit was successful")
         (tmp / "w" / "training.json").write_text(json.dumps(info, indent=1) + "\n")
         card = out_dir / "MODEL_CARD.md"
         if card.exists():
@@ -436,7 +451,8 @@ def main(argv=None) -> int:
         info = {"config": f"configs/train.py:{stages[-1]}", "stages": list(stages), "steps": steps,
                 "init": args.init or None, "train_seconds_this_run": seconds, "resumed": resumed,
                 "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in stages},
-                "held_out": HELD_OUT, "manifest": [json.loads(x) for x in manifest.read_text().splitlines()]}
+                "held_out": HELD_OUT, "manifest": [{k: portable(v, workdir) for k, v in json.loads(x).items()}
+                                                     for x in manifest.read_text().splitlines()]}
         export(state.params, config, out, info)
         print(f"weights: {out}")
     if args.stage == "export":  # the latest checkpoint, e.g. of a run that was stopped early

@@ -130,10 +130,11 @@ def score(pred: np.ndarray, structure: Structure, z: int, tolerance_mm: float) -
     target, axis, spacing = structure.target, structure.axis, structure.volume.spacing
     r = metrics.slice_range(pred, target, axis)
     per_slice = metrics.per_slice_dice(pred, target, axis)
+    nsd, hd95 = metrics.surface_scores(pred, target, spacing, tolerance_mm)
     return {
         "dice": metrics.dice(pred, target),
-        "nsd": metrics.nsd(pred, target, spacing, tolerance_mm),
-        "hd95": metrics.hd95(pred, target, spacing),
+        "nsd": nsd,
+        "hd95": hd95,
         "prompted_slice_dice": float(per_slice[z]),
         "range": dataclasses.asdict(r),
         "range_within_25pct": r.within(0.25),

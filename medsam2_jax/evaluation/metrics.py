@@ -45,24 +45,24 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
     return distances(pred, ref, spacing, 1), distances(ref, pred, spacing, 1)
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
+def surface_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> tuple[float, float]:
+    """(NSD at `tolerance_mm`, HD95) from one computation of the surface distances."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if not pred.any() and not ref.any():
-        return 0.0
+        return 1.0, 0.0
     if not pred.any() or not ref.any():
-        return float("nan")
+        return 0.0, float("nan")
     a, b = surface_distances(pred, ref, spacing)
-    return float(max(np.percentile(a, 95), np.percentile(b, 95)))
+    nsd_value = ((a <= tolerance_mm).sum() + (b <= tolerance_mm).sum()) / (a.size + b.size)
+    return float(nsd_value), float(max(np.percentile(a, 95), np.percentile(b, 95)))
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
+    return surface_scores(pred, ref, spacing, 0.0)[1]
 
 
 def nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
-    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
-    if not pred.any() and not ref.any():
-        return 1.0
-    if not pred.any() or not ref.any():
-        return 0.0
-    a, b = surface_distances(pred, ref, spacing)
-    return float(((a <= tolerance_mm).sum() + (b <= tolerance_mm).sum()) / (a.size + b.size))
+    return surface_scores(pred, ref, spacing, tolerance_mm)[0]
 
 
 def _bounding_region(mask: np.ndarray, margin: int) -> tuple[slice, ...]:

@@ -88,7 +88,7 @@ def from_manifest(path: str | Path, *, axis: int | None = None, limit: int | Non
             target = labels == i
             if not target.any():
                 raise ValueError(f"{entry.label}: label {i} is not in the volume; fix the manifest's objects")
+            along = entry.axis if entry.axis is not None else (2 if axis is None else axis)  # default: axial
             structures.append(Structure(f"{Path(entry.label).name.split('.')[0]}:{i}", entry.image, int(i), volume,
-                                        target, axis=2 if entry.axis is None and axis is None else
-                                        (entry.axis if entry.axis is not None else axis), window=entry.window))
+                                        target, axis=along, window=entry.window))
     return structures[:limit]

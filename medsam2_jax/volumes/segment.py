@@ -78,7 +78,7 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
         first, last = prompts.slice_range(obj)
         full[:first, j] = full[last + 1 :, j] = NO_OBJECT_LOGIT
     merged = full
-    scores = _slice_scores(predictor, state, object_ids, n, lo, prompts)
+    scores = _slice_scores(predictor, state, object_ids, lo, prompts)
     probabilities = expit(merged)  # (n, objects, h, w)
     labels = _labels(merged, object_ids)
     if largest_component:
@@ -184,7 +184,7 @@ def _largest_components(labels, object_ids):
     return out
 
 
-def _slice_scores(predictor, state, object_ids, n, offset, prompts: VolumePrompts):
+def _slice_scores(predictor, state, object_ids, offset, prompts: VolumePrompts):
     """Per object, the object-score logit of every slice of the volume (NaN where not tracked)."""
     scores = {}
     for obj in object_ids:
