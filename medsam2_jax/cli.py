@@ -152,10 +152,7 @@ def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
     from medsam2_jax.tracker.predictor import VideoPredictor
     from medsam2_jax.volumes.segment import segment_volume, segment_volume_multi_orientation
 
-    # As many cond slots as the most-prompted object needs: empty slots still cost attention.
-    cond_slots = max(len(prompts.prompted_slices(o)) for o in prompts.object_ids)
-    tracker_config = get_tracker_config(memory_policy=args.policy, max_cond_frames=cond_slots)
-    predictor = VideoPredictor(params, config, tracker_config)
+    predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy))
     first, last = prompts.tracked_range()
     total = 2 * (last - first + 1)
     if args.multi_orientation:
@@ -535,7 +532,7 @@ def cmd_evaluate(args) -> int:
     except ValueError as error:  # DataError and unknown set names
         raise UserError(str(error)) from None
     params, config, checkpoint = _model(args)
-    predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy, max_cond_frames=1))
+    predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy))
     runs = 2 if options.z_range else 1
     bar = _progress_bar(runs * 2 * sum(s.target.shape[s.axis] for s in structures), "slices")
     try:

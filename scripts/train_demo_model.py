@@ -233,7 +233,7 @@ def evaluate(weights: Path) -> dict:
     from medsam2_jax.tracker.predictor import VideoPredictor
 
     config = get_config(json.loads((weights / "manifest.json").read_text())["config"])
-    predictor = VideoPredictor(load_params(weights, config), config, get_tracker_config(max_cond_frames=1))
+    predictor = VideoPredictor(load_params(weights, config), config, get_tracker_config())
     out = {}
     for name, protocol, stem in EVALUATIONS:
         structures = sets.built_in(name, limit=STARDIST_NUCLEI if name == "stardist3d" else None)

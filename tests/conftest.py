@@ -21,4 +21,4 @@ def demo_predictor():
     shipped = weights.default_checkpoint()
     assert shipped is not None, "no demo weights in medsam2_jax/weights/medsam2_jax_demo"
     config = get_config(shipped.config)
-    return VideoPredictor(load_params(shipped.path, config), config, get_tracker_config(max_cond_frames=1))
+    return VideoPredictor(load_params(shipped.path, config), config, get_tracker_config())

@@ -41,3 +41,20 @@ def test_auto_resolves_by_backend_and_rejects_unknown():
     assert resolve_impl("auto") == ("chunked" if jax.default_backend() == "cpu" else "fused")
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_impl("flash3")
+
+
+def test_skipping_masked_chunks_changes_nothing():
+    """`skip_masked` computes only key chunks holding a valid key (empty bank slots): the result is
+    the full computation's (to rounding of a different compilation), for any layout of valid keys,
+    also under vmap (objects)."""
+    q, k, v = _qkv(nq=64, nk=5 * 1024 + 40, heads=1, d=16)
+    mask = np.zeros((2, k.shape[1]), bool)
+    mask[0, :1024] = True  # first slot only
+    mask[0, -40:] = True  # and the pointer tail
+    mask[1, 3 * 1024:3 * 1024 + 7] = True  # a few keys inside a later chunk
+    args = [jnp.asarray(a) for a in (q, k, v, mask)]
+    full = dot_product_attention(*args, impl="chunked")
+    skip = jax.jit(lambda *a: dot_product_attention(*a, impl="chunked", skip_masked=True))(*args)
+    np.testing.assert_allclose(np.asarray(skip), np.asarray(full), rtol=0, atol=1e-6)
+    one = lambda q_, k_, v_, m_: dot_product_attention(q_[None], k_[None], v_[None], m_[None], "chunked", True)[0]
+    np.testing.assert_allclose(np.asarray(jax.vmap(one)(*args)), np.asarray(full), rtol=0, atol=1e-6)

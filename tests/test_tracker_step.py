@@ -143,3 +143,29 @@ def test_padded_points_equal_unpadded():
     b = sam2.forward_sam_heads(params, pix, config, p.points[None], p.labels[None],
                                high_res_features=f["high_res_features"], point_mask=p.point_valid[None])
     np.testing.assert_allclose(np.asarray(a["low_res_masks"]), np.asarray(b["low_res_masks"]), atol=1e-5)
+
+
+def test_padded_frames_and_empty_slots_change_nothing(monkeypatch):
+    """A chunk padded with inactive frames (skipped by a `lax.cond`, features included) and empty
+    cond slots (key chunks the attention does not compute) give the outputs of a run without
+    either: 5 frames in one unpadded chunk with one cond slot, against chunks of 8 with 4 slots."""
+    from medsam2_jax.model import attention
+
+    params, config = model()
+    s = config.image_size // config.backbone_stride
+    monkeypatch.setattr(attention, "KEY_CHUNK", s * s)  # one key chunk per memory slot
+    monkeypatch.setattr(prop, "_COMPILED", {})  # trace afresh with that chunk size
+    video = frames(5, config.image_size, seed=3)
+    runs = {}
+    for kc, chunk, fbs in ((1, 5, 1), (4, 8, 1), (2, 3, 1)):
+        tc = get_tracker_config(max_cond_frames=kc, chunk_size=chunk, feature_batch_size=fbs)
+        _, order, runs[kc, chunk, fbs] = prop.propagate(params, config, two_objects(config, tc, video), video, 0,
+                                                         tracker_config=tc)
+        assert order == list(range(5))
+    ref = runs[1, 5, 1]
+    for key, out in runs.items():
+        for k in ("low_res_masks", "object_score_logits", "obj_ptr"):
+            np.testing.assert_allclose(out[k], ref[k], atol=2e-5, rtol=1e-5, err_msg=f"{k} with {key}")
+        # Memories are stored in bfloat16: rounding may flip one last bit (1/128 relative).
+        np.testing.assert_allclose(np.asarray(out["maskmem_features"], np.float32),
+                                   np.asarray(ref["maskmem_features"], np.float32), atol=1e-2, rtol=1e-2)

@@ -8,6 +8,10 @@ Layout is (batch, tokens, heads, head_dim) like `jax.nn.dot_product_attention`. 
   "fused"    jax.nn.dot_product_attention (cuDNN / TPU kernels where available).
   "auto"     "chunked" on CPU, "fused" on GPU/TPU.
 `key_mask` (batch, keys) marks valid keys; masked keys contribute exactly zero.
+
+`skip_masked=True` (inference only: a dynamic trip count is not reverse-differentiable) lets the
+chunked implementation compute only the key chunks that hold a valid key in some batch row, so
+empty memory slots of a fixed-size bank cost (almost) nothing. The other implementations ignore it.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def dot_product_attention(q, k, v, key_mask=None, impl: str = "auto"):
+def dot_product_attention(q, k, v, key_mask=None, impl: str = "auto", skip_masked: bool = False):
     impl = resolve_impl(impl)
     if impl == "fused":
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if impl == "chunked" and k.shape[1] > KEY_CHUNK:
-        return _chunked_attention(q, k, v, key_mask, KEY_CHUNK)
+        return _chunked_attention(q, k, v, key_mask, KEY_CHUNK, skip_masked and key_mask is not None)
     return _xla_attention(q, k, v, key_mask)
 
 
@@ -48,24 +52,22 @@ def _xla_attention(q, k, v, key_mask):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def _chunked_attention(q, k, v, key_mask, chunk: int):
+def _chunked_attention(q, k, v, key_mask, chunk: int, skip_masked: bool = False):
+    """Online softmax over whole key chunks, then the remainder (`nk mod chunk` keys) as one more
+    step: nothing is padded, so a memory of spatial slots plus a few pointer tokens computes no
+    padding keys."""
     b, nk, h, d = k.shape
-    n_chunks = -(-nk // chunk)
-    pad = n_chunks * chunk - nk
+    n_full = nk // chunk
+    whole = n_full * chunk
     valid = jnp.ones((b, nk), bool) if key_mask is None else key_mask
-    if pad:
-        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    kc = k.reshape(b, n_chunks, chunk, h, d).swapaxes(0, 1)
-    vc = v.reshape(b, n_chunks, chunk, h, v.shape[-1]).swapaxes(0, 1)
-    mc = valid.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+    kc = k[:, :whole].reshape(b, n_full, chunk, h, d).swapaxes(0, 1)
+    vc = v[:, :whole].reshape(b, n_full, chunk, h, v.shape[-1]).swapaxes(0, 1)
+    mc = valid[:, :whole].reshape(b, n_full, chunk).swapaxes(0, 1)
     qs = q * (1.0 / math.sqrt(d))
     nq = q.shape[1]
 
-    def body(carry, xs):
+    def update(carry, kb, vb, mb):
         m_prev, l_prev, acc = carry
-        kb, vb, mb = xs
         s = jnp.einsum("bqhd,bkhd->bhqk", qs, kb).astype(jnp.float32)
         s = jnp.where(mb[:, None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(m_prev, s.max(-1))
@@ -76,13 +78,30 @@ def _chunked_attention(q, k, v, key_mask, chunk: int):
         corr = jnp.where(jnp.isfinite(m_prev), corr, 0.0)
         l_new = l_prev * corr + p.sum(-1)
         acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb)
-        return (m_new, l_new, acc), None
+        return m_new, l_new, acc
 
-    init = (
+    carry = (
         jnp.full((b, h, nq), -jnp.inf, jnp.float32),
         jnp.zeros((b, h, nq), jnp.float32),
         jnp.zeros((b, h, nq, v.shape[-1]), jnp.float32),
     )
-    (_, l, acc), _ = jax.lax.scan(body, init, (kc, vc, mc))
+    if skip_masked:
+        # Chunks holding a valid key, in key order, then the rest; only the first `count` run.
+        # A fully masked chunk is an exact identity of the update, so skipping it changes nothing.
+        used = mc.any(axis=(1, 2))
+        order = jnp.argsort(~used, stable=True)
+        count = used.sum()
+
+        def body(state):
+            i, carry = state
+            j = order[i]
+            return i + 1, update(carry, kc[j], vc[j], mc[j])
+
+        _, carry = jax.lax.while_loop(lambda state: state[0] < count, body, (jnp.int32(0), carry))
+    else:
+        carry, _ = jax.lax.scan(lambda c, xs: (update(c, *xs), None), carry, (kc, vc, mc))
+    if whole < nk:
+        carry = update(carry, k[:, whole:], v[:, whole:], valid[:, whole:])
+    _, l, acc = carry
     out = acc / l[..., None]
     return out.swapaxes(1, 2).astype(q.dtype)

@@ -67,8 +67,8 @@ def init_image_encoder(key, config) -> dict:
     trunk = {
         "patch_embed": {"proj": layers.init_conv(next(keys), 3, t.embed_dim, 7)},
         # PyTorch stores these (1, C, H, W) zeros-initialised then trained; we keep NHWC.
-        "pos_embed": 0.02 * jax.random.normal(next(keys), (1, bkg[0], bkg[1], t.embed_dim)),
-        "pos_embed_window": 0.02 * jax.random.normal(next(keys), (1, w0, w0, t.embed_dim)),
+        "pos_embed": layers.random_init(next(keys), (1, bkg[0], bkg[1], t.embed_dim), "normal", 0.02),
+        "pos_embed_window": layers.random_init(next(keys), (1, w0, w0, t.embed_dim), "normal", 0.02),
         "blocks": [],
     }
     for s in specs:

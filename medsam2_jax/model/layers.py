@@ -20,8 +20,34 @@ def gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+# Random initialisation in blocks of one size. An eager `jax.random.*` call compiles once per
+# shape, and a model has a hundred parameter shapes (SAM 2.1 tiny took 24 s to initialise, and
+# longer under `jax.jit`, whose program grew with every parameter); drawing fixed-size blocks
+# compiles each distribution once. Eager, jitted and `jax.eval_shape` calls give the same values.
+_BLOCK = 1 << 16
+_BLOCKS = {
+    "uniform": jax.jit(lambda key, i: jax.random.uniform(jax.random.fold_in(key, i), (_BLOCK,), jnp.float32, -1.0, 1.0)),
+    "normal": jax.jit(lambda key, i: jax.random.normal(jax.random.fold_in(key, i), (_BLOCK,), jnp.float32)),
+    # Truncated at +-2 in units of the parameter (`std * N(0, 1)` cut at `-2 / std, 2 / std`).
+    "truncated": jax.jit(lambda key, i, std: jax.random.truncated_normal(
+        jax.random.fold_in(key, i), -2.0 / std, 2.0 / std, (_BLOCK,), jnp.float32)),
+}
+
+
+def random_init(key, shape, kind: str, scale: float):
+    """`scale` times `kind` ("uniform" on [-1, 1], "normal", or "truncated" normal) of `shape`."""
+    n = math.prod(shape)
+    extra = (jnp.float32(scale),) if kind == "truncated" else ()
+    count = -(-n // _BLOCK)
+    if isinstance(key, jax.core.Tracer):  # one vmapped draw per parameter keeps the program small
+        blocks = jax.vmap(lambda i: _BLOCKS[kind](key, i, *extra))(jnp.arange(count))
+        return (blocks.reshape(-1)[:n] * jnp.float32(scale)).reshape(shape)
+    flat = np.concatenate([np.asarray(_BLOCKS[kind](key, i, *extra)) for i in range(count)] + [np.zeros((0,), np.float32)])
+    return jnp.asarray((flat[:n] * np.float32(scale)).reshape(shape))
+
+
 def _uniform(key, shape, bound):
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    return random_init(key, shape, "uniform", bound)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +93,7 @@ def mlp(p: dict, x, activation=jax.nn.relu, sigmoid_output: bool = False):
 
 
 def init_layer_norm(dim: int) -> dict:
-    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+    return {"scale": jnp.asarray(np.ones((dim,), np.float32)), "bias": jnp.asarray(np.zeros((dim,), np.float32))}
 
 
 def layer_norm(p: dict, x, eps: float):

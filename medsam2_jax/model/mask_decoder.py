@@ -111,7 +111,7 @@ def init_mask_decoder(key, config) -> dict:
     d = config.hidden_dim
     n = num_mask_tokens(config)
     ks = jax.random.split(key, 12 + n)
-    emb = lambda k, rows: jax.random.normal(k, (rows, d), jnp.float32)
+    emb = lambda k, rows: layers.random_init(k, (rows, d), "normal", 1.0)
     p = {
         "transformer": init_two_way_transformer(ks[0], config),
         "iou_token": emb(ks[1], 1),

@@ -42,7 +42,7 @@ def init_memory_attention(key, config) -> dict:
     return {"layers": layer_params, "norm": layers.init_layer_norm(d)}
 
 
-def _rope_attention(p, q, k, v, num_heads, rope, num_k_rope: int, impl, key_mask=None):
+def _rope_attention(p, q, k, v, num_heads, rope, num_k_rope: int, impl, key_mask=None, skip_masked=False):
     """RoPEAttention: rotate q and the first `num_k_rope` keys (table tiled along the keys)."""
     q = layers.linear(p["q_proj"], q)
     k = layers.linear(p["k_proj"], k)
@@ -54,15 +54,18 @@ def _rope_attention(p, q, k, v, num_heads, rope, num_k_rope: int, impl, key_mask
     if num_k_rope > 0:
         k_rot = apply_rope(k[:, :, :num_k_rope], *rope)
         k = jnp.concatenate([k_rot, k[:, :, num_k_rope:]], axis=2)
-    out = dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), key_mask=key_mask, impl=impl)
+    out = dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), key_mask=key_mask, impl=impl,
+                                skip_masked=skip_masked)
     return layers.linear(p["out_proj"], out.reshape(b, nq, -1))
 
 
 def memory_attention(p, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: int, config,
-                     memory_mask=None):
+                     memory_mask=None, skip_empty: bool = False):
     """curr/curr_pos (B, HW, 256); memory/memory_pos (B, Nk, 64) -> (B, HW, 256).
 
     The last `num_obj_ptr_tokens` memory tokens are object pointers and skip RoPE.
+    `skip_empty` (inference only, see `attention.dot_product_attention`'s `skip_masked`): key
+    chunks where `memory_mask` holds nothing are not computed.
     """
     ma = config.memory_attention
     impl = config.attention_impl
@@ -82,7 +85,8 @@ def memory_attention(p, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: 
         t = ln(lp["norm2"], x)
         q = t + curr_pos if ma.pos_enc_at_cross_attn_queries else t
         k = memory + memory_pos if ma.pos_enc_at_cross_attn_keys else memory
-        x = x + _rope_attention(lp["cross_attn_image"], q, k, memory, heads, rope, num_k_rope, impl, memory_mask)
+        x = x + _rope_attention(lp["cross_attn_image"], q, k, memory, heads, rope, num_k_rope, impl, memory_mask,
+                                   skip_empty)
         t = ln(lp["norm3"], x)
         x = x + layers.linear(lp["linear2"], jax.nn.relu(layers.linear(lp["linear1"], t)))
     return ln(p["norm"], x)

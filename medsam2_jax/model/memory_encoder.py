@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medsam2_jax.model import layers
 from medsam2_jax.model.position_encoding import sine_2d
@@ -47,7 +48,7 @@ def init_memory_encoder(key, config) -> dict:
                 "norm": layers.init_layer_norm(d),
                 "pwconv1": layers.init_linear(next(ks), d, 4 * d),
                 "pwconv2": layers.init_linear(next(ks), 4 * d, d),
-                "gamma": me.fuser_layer_scale_init * jnp.ones((d,), jnp.float32),
+                "gamma": jnp.asarray(np.full((d,), me.fuser_layer_scale_init, np.float32)),
             }
         )
     return {

@@ -20,9 +20,9 @@ def init_prompt_encoder(key, config) -> dict:
     d = config.hidden_dim
     m = config.prompt_encoder.mask_in_chans
     ks = jax.random.split(key, 10)
-    emb = lambda k: jax.random.normal(k, (1, d), jnp.float32)  # nn.Embedding init: N(0, 1)
+    emb = lambda k: layers.random_init(k, (1, d), "normal", 1.0)  # nn.Embedding init: N(0, 1)
     return {
-        "pe_layer": {"positional_encoding_gaussian_matrix": jax.random.normal(ks[0], (2, d // 2))},
+        "pe_layer": {"positional_encoding_gaussian_matrix": layers.random_init(ks[0], (2, d // 2), "normal", 1.0)},
         "point_embeddings": [emb(ks[1 + i]) for i in range(4)],
         "not_a_point_embed": emb(ks[5]),
         "no_mask_embed": emb(ks[6]),

@@ -24,7 +24,7 @@ NO_OBJ_SCORE = -1024.0
 
 
 def _trunc_normal(key, shape, std=0.02):
-    return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
+    return layers.random_init(key, shape, "truncated", std)
 
 
 def init_params(key, config) -> dict:

@@ -29,14 +29,15 @@ def get_tracker_config(**overrides) -> ml_collections.ConfigDict:
     c.query_source = "image"  # "image": raw stride-16 features; "memory": projected by the memory encoder
     c.tpos = "rank"  # "rank": maskmem_tpos_enc row by rank in the sorted bank; "none": one shared row
     c.seed = 0  # PRNG seed of sampled reads
-    # Pinned prompted (conditioning) frames per object: cond slots `Kc`. SAM 2 attends to all of
-    # them (max_cond_frames_in_attn = -1), so a video may carry at most this many prompted frames
-    # per object.
+    # Pinned prompted (conditioning) frames per object: cond slots `Kc` of the functional API's
+    # `init_state` and of training. SAM 2 attends to all of them (max_cond_frames_in_attn = -1).
+    # `VideoPredictor` sizes its banks to the prompts instead (any number of prompted frames).
     c.max_cond_frames = 4
     # Points per prompt after padding (a box counts as two). More points round up to a multiple.
     c.max_points = 8
     # Frames per compiled scan; the state is carried from chunk to chunk so any video length runs
-    # on one executable and device memory does not grow with the number of frames.
+    # on one executable and device memory does not grow with the number of frames. The padded
+    # frames of a last, partial chunk are skipped (a lax.cond), so they cost nothing.
     c.chunk_size = 8
     # Frames per image-encoder batch inside a chunk (must divide chunk_size).
     # On the CPU one frame at a time is faster (measured: 0.45 s against 0.54 s per 512-px frame

@@ -39,20 +39,51 @@ from medsam2_jax.tracker.state import pointer_slots, recent_slots
 COND, NON_COND = "cond_frame_outputs", "non_cond_frame_outputs"
 
 
-def load_frames(path: str, image_size: int):
-    """A folder of `<index>.jpg` frames, read and resized as the official loader does (PIL)."""
-    from PIL import Image
+class Frames:
+    """A video's frames at the model resolution, ImageNet-normalised, made on demand.
 
+    `load(indices)` returns (n, S, S, 3) for an index array. Indexing with an int gives one frame
+    (S, S, 3), with an index array a stack. A propagation asks for one chunk at a time, so the host
+    never holds the whole video at the model resolution (a 512-slice CT at 1024 px would be 6 GB).
+    """
+
+    def __init__(self, count: int, load):
+        self._count, self._load = int(count), load
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        index = np.asarray(index)
+        frames = np.asarray(self._load(np.atleast_1d(index)), np.float32)
+        return frames[0] if index.ndim == 0 else frames
+
+
+def _jpeg_names(path: str) -> list[str]:
     names = [p for p in os.listdir(path) if os.path.splitext(p)[-1] in (".jpg", ".jpeg", ".JPG", ".JPEG")]
     if not names:
         raise RuntimeError(f"no images found in {path}")
-    names.sort(key=lambda p: int(os.path.splitext(p)[0]))
-    frames, hw = [], None
-    for name in names:
-        img = Image.open(os.path.join(path, name)).convert("RGB")
-        hw = (img.height, img.width)
-        frames.append(np.asarray(img.resize((image_size, image_size)), np.float32) / 255.0)
-    return np.stack(frames), hw
+    return sorted(names, key=lambda p: int(os.path.splitext(p)[0]))
+
+
+def load_frames(path: str, image_size: int):
+    """A folder of `<index>.jpg` frames as (Frames in [0, 1], not normalised; (H, W)), each read
+    and resized when asked for, as the official loader does it (PIL)."""
+    from PIL import Image
+
+    files = [os.path.join(path, n) for n in _jpeg_names(path)]
+    with Image.open(files[0]) as first:
+        hw = (first.height, first.width)
+
+    def load(indices):
+        out = []
+        for i in indices:
+            with Image.open(files[int(i)]) as img:
+                rgb = img.convert("RGB").resize((image_size, image_size))
+            out.append(np.asarray(rgb, np.float32) / 255.0)
+        return np.stack(out)
+
+    return Frames(len(files), load), hw
 
 
 class VideoPredictor:
@@ -62,38 +93,37 @@ class VideoPredictor:
         self.tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
         self.image_size = config.image_size
         self.fns = compiled(config, self.tracker_config)
-        self._empty = jax.tree.map(np.asarray, empty_bank(config, self.tracker_config))
+        self._empty = jax.tree.map(np.asarray, empty_bank(config, self.tracker_config, self.fns.policy))
 
     # ------------------------------------------------------------------------------------------
     # Session state
 
     def init_state(self, video, normalized: bool = False, video_hw: tuple[int, int] | None = None):
-        """`video`: a folder of JPEG frames, or an array (T, H, W, 3) in [0, 1] (uint8: [0, 255]).
+        """`video`: a folder of JPEG frames, an array (T, H, W, 3) in [0, 1] (uint8: [0, 255]), or
+        a `Frames`.
 
-        Arrays not at the model resolution are resized with bilinear antialiasing (the official
-        JPEG loader uses PIL bicubic: pass a folder for bit-faithful inputs). `normalized=True`
-        takes (T, S, S, 3) frames already ImageNet-normalised at the model resolution; then
-        `video_hw` names the original frame size that prompts refer to and masks come back at
-        (default: the model resolution).
+        Frames are resized and normalised a chunk at a time as tracking reaches them (the array is
+        kept, not copied). Arrays not at the model resolution are resized with bilinear
+        antialiasing (the official JPEG loader uses PIL bicubic: pass a folder for bit-faithful
+        inputs). `normalized=True` takes frames already ImageNet-normalised at the model
+        resolution; then `video_hw` names the original frame size that prompts refer to and masks
+        come back at (default: the model resolution).
         """
         s = self.image_size
         if isinstance(video, (str, os.PathLike)):
-            frames, (h, w) = load_frames(os.fspath(video), s)
+            source, (h, w) = load_frames(os.fspath(video), s)
+        elif isinstance(video, Frames):
+            source, (h, w) = video, (s, s)
         else:
-            frames = np.asarray(video)
-            h, w = frames.shape[1:3]
-            if not normalized:
-                frames = frames.astype(np.float32) / (255.0 if frames.dtype == np.uint8 else 1.0)
-                if (h, w) != (s, s):
-                    frames = np.asarray(layers.resize_bilinear(jnp.asarray(frames), (s, s), antialias=True))
-        if not normalized:
-            mean = np.asarray(self.config.pixel_mean, np.float32)
-            std = np.asarray(self.config.pixel_std, np.float32)
-            frames = (frames.astype(np.float32) - mean) / std
+            source = np.asarray(video)
+            if source.ndim != 4 or source.shape[-1] != 3:
+                raise ValueError(f"video must be (T, H, W, 3), got shape {source.shape}")
+            h, w = source.shape[1:3]
         if video_hw is not None:
             h, w = video_hw
+        frames = source if normalized else Frames(len(source), lambda idx: self._prepare(source[idx]))
         st = {
-            "images": np.ascontiguousarray(frames, np.float32),
+            "images": frames,
             "num_frames": len(frames),
             "video_height": h,
             "video_width": w,
@@ -109,6 +139,17 @@ class VideoPredictor:
         }
         self._get_image_feature(st, 0)
         return st
+
+    def _prepare(self, frames):
+        """(n, H, W, 3) in [0, 1] (uint8: [0, 255]) -> (n, S, S, 3) normalised at the model resolution."""
+        s = self.image_size
+        frames = np.asarray(frames)
+        frames = frames.astype(np.float32) / (255.0 if frames.dtype == np.uint8 else 1.0)
+        if frames.shape[1:3] != (s, s):
+            frames = np.asarray(layers.resize_bilinear(jnp.asarray(frames), (s, s), antialias=True))
+        mean = np.asarray(self.config.pixel_mean, np.float32)
+        std = np.asarray(self.config.pixel_std, np.float32)
+        return (frames - mean) / std
 
     def object_scores(self, inference_state, obj_id) -> dict[int, float]:
         """{frame index: object-score logit} of every frame this object has an output on."""
@@ -148,6 +189,15 @@ class VideoPredictor:
     # ------------------------------------------------------------------------------------------
     # Fixed-size banks from the host store
 
+    def _cond_slots(self, st) -> int:
+        """Cond slots for this session's banks: the most-prompted object's prompted frames, rounded
+        up to a power of two (a handful of compiled shapes). Like the official predictor, any
+        number of frames can be prompted (`tracker_config.max_cond_frames` sizes only the
+        functional API's `init_state`). Empty slots cost memory, not attention: whole key chunks
+        of empty slots are skipped."""
+        most = max((len(o[COND]) for o in st["output_dict_per_obj"].values()), default=1)
+        return 1 << max(most - 1, 0).bit_length()
+
     def _bank(self, st, obj_idx, frame_idx, reverse, fresh=False):
         """The `TrackerState` that tracking from `frame_idx` in this direction reads.
 
@@ -157,11 +207,10 @@ class VideoPredictor:
         """
         out = st["output_dict_per_obj"][obj_idx]
         cond, non_cond = out[COND], out[NON_COND]
-        kc = self.tracker_config.max_cond_frames
-        if len(cond) > kc:
-            raise ValueError(f"object {st['obj_idx_to_id'][obj_idx]} has {len(cond)} prompted frames; "
-                             f"the tracker pins at most max_cond_frames={kc}")
+        kc = self._cond_slots(st)
         b = {f: np.array(getattr(self._empty, f)) for f in self._empty.__dataclass_fields__ if f != "bank"}
+        for f in ("cond_mem", "cond_ptr", "cond_mask", "cond_score", "cond_frame", "cond_valid"):
+            b[f] = np.repeat(b[f][:1], kc, axis=0)  # empty slots, as many as the prompts need
         b["bank"] = self._empty.bank if fresh else st.setdefault("policy_banks", {}).get(obj_idx, self._empty.bank)
         for i, (t, o) in enumerate(cond.items()):
             b["cond_mem"][i] = o["maskmem_features"]

@@ -1,11 +1,12 @@
 """Whole-video tracking: image features in batches, then a `lax.scan` of `step` over frames.
 
 A video is cut into fixed-size chunks of `chunk_size` frames in processing order (forward or
-reverse from a start frame); one compiled function encodes a chunk's frames in batches of
-`feature_batch_size` and scans the chunk, the state carried from chunk to chunk. The last chunk is
-padded with inactive frames. So every video length, start frame, direction and prompt layout runs
-on the same executable, device memory holds one chunk and one fixed-size state whatever the
-length, and per-frame outputs stream to the host chunk by chunk.
+reverse from a start frame); one compiled function scans the chunk, the state carried from chunk
+to chunk, encoding each frame's features inside the scan (`feature_batch_size` 1, the CPU default)
+or ahead of it in batches (GPU/TPU). The last chunk is padded with inactive frames, which a
+`lax.cond` skips: they cost neither features nor tracking. So every video length, start frame,
+direction and prompt layout runs on the same executable, device memory holds one chunk and one
+fixed-size state whatever the length, and per-frame outputs stream to the host chunk by chunk.
 
 Prompts go in before the scan with `add_prompt` (as the official predictor encodes every prompted
 frame before `propagate_in_video`): all conditioning frames are in the bank from the first tracked
@@ -32,17 +33,37 @@ from medsam2_jax.tracker.state import TrackerState
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-def compute_features(params, config, frames, batch_size: int):
-    """(N, S, S, 3) normalised frames -> per-frame features, encoded `batch_size` at a time."""
+def compute_features(params, config, frames, batch_size: int, active=None):
+    """(N, S, S, 3) normalised frames -> per-frame features, encoded `batch_size` at a time.
+
+    With `active` (N,) bool, a batch without an active frame is not encoded (its features are 0).
+    """
     n = frames.shape[0]
     batches = frames.reshape(n // batch_size, batch_size, *frames.shape[1:])
-    feats = jax.lax.map(lambda x: sam2.forward_image(params, x, config), batches)
+    encode = lambda x: sam2.forward_image(params, x, config)
+    if active is None:
+        feats = jax.lax.map(encode, batches)
+    else:
+        used = jnp.asarray(active).reshape(n // batch_size, batch_size).any(1)
+        zeros = lambda x: _zeros_like(jax.eval_shape(encode, x))
+        feats = jax.lax.map(lambda xu: jax.lax.cond(xu[1], encode, zeros, xu[0]), (batches, used))
     merge = lambda x: x.reshape(n, *x.shape[2:])
     return {
         "vision_features": merge(feats["vision_features"]),
         "vision_pos_enc": feats["vision_pos_enc"][0],
         "high_res_features": None if feats["high_res_features"] is None else [merge(h) for h in feats["high_res_features"]],
     }
+
+
+def _zeros_like(shapes):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+
+def _track_if(active, track, state):
+    """`track(state)` -> (state, outputs) on an active frame; else the state unchanged and zero
+    outputs, computing nothing (`active` is per frame, outside the object vmap: a real branch)."""
+    skip = lambda st: (st, _zeros_like(jax.eval_shape(track, st)[1]))
+    return jax.lax.cond(active, track, skip, state)
 
 
 def _frame(features, i):
@@ -62,21 +83,29 @@ class Compiled:
         self.config, self.tracker_config = config, tracker_config
         c, tc = config, tracker_config
         self.policy = policy = make_policy(config, tracker_config)
-        objects = lambda f, *axes: jax.vmap(f, in_axes=axes)
 
         def chunk(params, state, frames, frame_idx, active, num_frames, reverse):
             TRACE_COUNTS["chunk"] += 1
-            feats = compute_features(params, c, frames, tc.feature_batch_size)
+
+            def track(f, t):
+                one = lambda s_: step_lib.track_frame(params, c, s_, f, t, num_frames, reverse, True, policy)
+                return jax.vmap(one)
+
+            if tc.feature_batch_size == 1:  # encoded inside the scan, so a padded frame costs nothing
+                def body(st, x):
+                    frame, t, a = x
+                    encode_and_track = lambda st_: track(_frame(compute_features(params, c, frame[None], 1), 0), t)(st_)
+                    return _track_if(a, encode_and_track, st)
+
+                return jax.lax.scan(body, state, (frames, frame_idx, active))
+
+            feats = compute_features(params, c, frames, tc.feature_batch_size, active)
 
             def body(st, x):
                 i, t, a = x
-                f = _frame(feats, i)
-                track = lambda s_: step_lib.track_frame(params, c, s_, f, t, num_frames, reverse, a, policy)
-                st, out = jax.vmap(track)(st)
-                return st, out
+                return _track_if(a, track(_frame(feats, i), t), st)
 
-            idx = jnp.arange(frames.shape[0])
-            return jax.lax.scan(body, state, (idx, frame_idx, active))
+            return jax.lax.scan(body, state, (jnp.arange(frames.shape[0]), frame_idx, active))
 
         def add_prompt(params, state, frame, prompt, frame_idx, prompted):
             TRACE_COUNTS["add_prompt"] += 1
@@ -144,19 +173,22 @@ def iter_propagate(params, config, state: TrackerState, frames, start_frame_idx:
                    max_frame_num_to_track=None, tracker_config=None):
     """Yield (frame indices, host outputs with a leading frame axis, state) chunk by chunk.
 
-    frames: (T, S, S, 3) normalised, on the host (only a chunk is on the device at a time).
+    frames: (T, S, S, 3) normalised, on the host: an array, or anything with `len` that gives
+    (n, S, S, 3) for an index array, such as `predictor.Frames`, which makes them a chunk at a
+    time. Only a chunk is on the device (and, with `Frames`, on the host) at a time.
     Outputs per frame: low_res_masks (O, 4s, 4s, 1), object_score_logits (O, 1), obj_ptr (O, C),
     maskmem_features (O, s, s, Cm) bfloat16, is_cond (O,).
     """
     fns = compiled(config, tracker_config)
     size = fns.tracker_config.chunk_size
-    num_frames = frames.shape[0]
+    num_frames = len(frames)
     order = processing_order(num_frames, start_frame_idx, max_frame_num_to_track, reverse)
     for k in range(0, len(order), size):
         idx = order[k:k + size]
         n = len(idx)
         padded = idx + [idx[-1]] * (size - n)
-        chunk_frames = np.asarray(frames[np.asarray(padded)])
+        real = np.asarray(frames[np.asarray(idx)], np.float32)
+        chunk_frames = np.concatenate([real, np.zeros((size - n,) + real.shape[1:], np.float32)]) if n < size else real
         active = np.arange(size) < n
         state, outs = fns.chunk(params, state, chunk_frames, np.asarray(padded, np.int32), active,
                                 np.int32(num_frames), np.bool_(reverse))

@@ -54,11 +54,13 @@ def pointer_slots(config) -> int:
 def init_state(config, tracker_config, policy=None) -> TrackerState:
     """An empty bank for one object; `jax.tree.map(lambda x: jnp.stack([x] * n), ...)` for n.
 
-    `policy` (default: the one `tracker_config.memory_policy` names) fills `bank`.
+    `policy` (`policies.make_policy(config, tracker_config)`) fills `bank`; it may be left out for
+    fifo, which keeps its ring in the state's own fields. (Policies build on this module, not the
+    other way round.)
     """
-    from medsam2_jax.tracker.policies import make_policy
-
-    policy = policy or make_policy(config, tracker_config)
+    if policy is None and tracker_config.memory_policy != "fifo":
+        raise ValueError(f"init_state for memory policy {tracker_config.memory_policy!r} needs the policy: "
+                         "pass policies.make_policy(config, tracker_config)")
     s = config.image_size // config.backbone_stride
     kc, k, p = tracker_config.max_cond_frames, recent_slots(config), pointer_slots(config)
     c, cm = config.hidden_dim, config.mem_dim
@@ -79,7 +81,7 @@ def init_state(config, tracker_config, policy=None) -> TrackerState:
         ptr=jnp.zeros((p, c), jnp.float32),
         ptr_frame=ptr_frame,
         ptr_valid=ptr_valid,
-        bank=policy.init(),
+        bank=None if policy is None else policy.init(),
     )
 
 
@@ -96,7 +98,7 @@ def write_cond(state: TrackerState, frame_idx, mem, ptr, mask, score, write=True
     """Pin a prompted frame: the slot already holding this frame, else the first empty slot.
 
     A full bank keeps its entries and drops the write; callers that can prompt more frames than
-    `max_cond_frames` must check that on the host (the predictor raises).
+    it has slots must size it on the host (`VideoPredictor` sizes its banks to the prompts).
     """
     same = state.cond_valid & (state.cond_frame == frame_idx)
     free = ~state.cond_valid

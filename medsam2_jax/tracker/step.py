@@ -44,11 +44,12 @@ def _policy(config, state, policy):
 
 
 def memory_conditioned_features(params, config, state: TrackerState, vision_features, vision_pos_enc,
-                                frame_idx, num_frames, reverse, policy=None):
+                                frame_idx, num_frames, reverse, policy=None, skip_empty: bool = False):
     """(1, s, s, C) features fused with the bank for a frame that is not an initial cond frame.
 
     Memory tokens: every conditioning frame (t_pos 0), then what the policy reads; pointer tokens:
-    the conditioning frames' (only past ones in eval), then the policy's.
+    the conditioning frames' (only past ones in eval), then the policy's. `skip_empty` (static,
+    inference only): attention does not compute the key chunks of empty slots.
     """
     policy = _policy(config, state, policy)
     s, c, cm = vision_features.shape[1], config.hidden_dim, config.mem_dim
@@ -109,7 +110,7 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
     curr = vision_features.reshape(1, hw, c)
     curr_pos = vision_pos_enc.reshape(1, hw, c)
     out = memory_attention(params["memory_attention"], curr, curr_pos, memory, memory_pos, num_ptr_tokens,
-                           config, memory_mask=memory_mask)
+                           config, memory_mask=memory_mask, skip_empty=skip_empty)
     return out.reshape(1, s, s, c)
 
 
@@ -152,7 +153,7 @@ def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames,
             pix = sam2.add_no_mem_embed(params, vf)
         else:
             pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse,
-                                              policy)
+                                              policy, skip_empty=True)
         n = prompt.point_valid.sum()
         multimask = (config.multimask_output_in_sam and (init_cond or config.multimask_output_for_tracking)) & (
             (config.multimask_min_pt_num <= n) & (n <= config.multimask_max_pt_num))
@@ -181,7 +182,8 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     """
     policy = _policy(config, state, policy)
     vf, pos, hr = _batch1(features)
-    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse, policy)
+    pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse, policy,
+                                      skip_empty=not training)
     multimask = (config.multimask_output_in_sam and config.multimask_output_for_tracking
                  and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
     sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam2_jax.volumes.io import LPS_TO_RAS, Volume, VolumeError, make_volume
+from medsam2_jax.volumes.volume import LPS_TO_RAS, Volume, VolumeError, make_volume
 
 # Slices whose gaps differ from the median gap by more than this fraction are not a regular grid.
 SLICE_GAP_TOLERANCE = 0.1

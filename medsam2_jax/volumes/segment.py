@@ -19,6 +19,7 @@ import numpy as np
 from scipy.special import expit, logit
 
 from medsam2_jax.model.sam2 import NO_OBJ_SCORE
+from medsam2_jax.tracker.predictor import Frames
 from medsam2_jax.volumes import intensity
 from medsam2_jax.volumes.io import Volume
 from medsam2_jax.volumes.prompts import SlicePrompt, VolumePrompts, make_volume_prompts
@@ -48,7 +49,9 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
     if (lo, hi) != (0, prompts.num_slices - 1):  # intensities from the whole volume, frames from the range
         unit = np.take(unit, np.arange(lo, hi + 1), axis=axis)
-    frames = intensity.slices_to_model_input(unit, axis, predictor.image_size)
+    # Slices reach the model resolution a chunk at a time, as tracking asks for them.
+    frames = Frames(unit.shape[axis],
+                    lambda idx: intensity.slices_to_model_input(np.take(unit, idx, axis=axis), axis, predictor.image_size))
     state = predictor.init_state(frames, normalized=True, video_hw=prompts.slice_shape)
     for p in prompts.prompts:
         if p.mask is not None:
