@@ -1,5 +1,6 @@
 """Numeric building blocks against the PyTorch operations SAM 2 uses."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,3 +60,22 @@ def test_depthwise_conv_matches_torch():
     x = np.random.default_rng(5).standard_normal((2, 12, 10, 16)).astype(np.float32)
     p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)), "bias": jnp.asarray(m.bias.detach().numpy())}
     assert max_abs(layers.depthwise_conv(p, jnp.asarray(x), 3), nhwc(m(nchw(x)))) < 1e-5
+
+
+def test_init_params_same_eager_and_jitted():
+    """Random initialisation is drawn in fixed-size blocks (one compile per distribution, so
+    eager `init_params` is fast); eager, jitted and abstract calls agree on every leaf."""
+    from medsam2_jax.configs.model import get_config
+    from medsam2_jax.model.sam2 import init_params
+
+    config = get_config("demo")
+    key = jax.random.PRNGKey(3)
+    eager = init_params(key, config)
+    jitted = jax.jit(lambda k: init_params(k, config))(key)
+    shapes = jax.eval_shape(lambda k: init_params(k, config), key)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted) == jax.tree.structure(shapes)
+    for a, b, s in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(shapes)):
+        assert a.shape == b.shape == s.shape and a.dtype == b.dtype == s.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = init_params(jax.random.PRNGKey(4), config)
+    assert not np.array_equal(np.asarray(jax.tree.leaves(other)[0]), np.asarray(jax.tree.leaves(eager)[0]))

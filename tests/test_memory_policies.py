@@ -168,7 +168,10 @@ def test_fifo_equals_numpy_ring_and_reads_the_previous_frames():
 # Invariants on random sequences
 
 
-entry_params = st.lists(st.tuples(st.floats(0, 1), st.floats(-4, 4), st.integers(0, 2)), min_size=1, max_size=12)
+# No subnormal scores: XLA on the CPU flushes them to zero, so "score > 0" differs from NumPy's.
+entry_params = st.lists(st.tuples(st.floats(0, 1, width=32, allow_subnormal=False),
+                                  st.floats(-4, 4, width=32, allow_subnormal=False),
+                                  st.integers(0, 2)), min_size=1, max_size=12)
 
 
 def entries_from(params_list, seed=0):

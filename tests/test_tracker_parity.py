@@ -99,10 +99,11 @@ def run(predictor, st, ops, ours: bool):
     return [(label, np.asarray(m.numpy() if isinstance(m, torch.Tensor) else m, np.float32)) for label, m in results]
 
 
-def compare(name, image_size, num_frames, ops, seed=0):
+def compare(name, image_size, num_frames, ops, seed=0, max_cond_frames_in_attn=-1):
     import torch
 
     predictor, params, config = reference(name, image_size)
+    predictor.max_cond_frames_in_attn = config.max_cond_frames_in_attn = max_cond_frames_in_attn
     frames = make_frames(num_frames, config.image_size, seed)
     with torch.inference_mode():
         ref = run(predictor, official_state(predictor, frames), ops, ours=False)
@@ -169,6 +170,16 @@ CASES = {
 def test_parity(name, case):
     num_frames, ops = CASES[case]
     compare(name, None, num_frames, ops)
+
+
+@pytest.mark.parametrize("name", ["test", "test_sam2"])
+def test_parity_max_cond_frames_in_attn(name):
+    """Five prompted frames, at most 2 attended: each frame attends to the closest prompted frame
+    before and after it; the others count as recent frames where they fall among them (frames 6
+    and 8 around 7, for instance)."""
+    ops = [CLICK(0), CLICK(6, pts=((0.4, 0.4),)), BOX(8), CLICK(13, pts=((0.6, 0.5),)), CLICK(19), PROP(),
+           PROP(start_frame_idx=14, reverse=True)]
+    compare(name, None, 20, ops, max_cond_frames_in_attn=2)
 
 
 def _ops_at(size):

@@ -169,3 +169,23 @@ def test_padded_frames_and_empty_slots_change_nothing(monkeypatch):
         # Memories are stored in bfloat16: rounding may flip one last bit (1/128 relative).
         np.testing.assert_allclose(np.asarray(out["maskmem_features"], np.float32),
                                    np.asarray(ref["maskmem_features"], np.float32), atol=1e-2, rtol=1e-2)
+
+
+def test_closest_cond_frames_is_sams_selection():
+    """`closest_cond_frames` keeps exactly the frames the official `select_closest_cond_frames`
+    keeps, for random prompted frames (in random prompting order), limits and current frames."""
+    from sam2.modeling.sam2_utils import select_closest_cond_frames
+
+    rng = np.random.default_rng(0)
+    select = jax.jit(step_lib.closest_cond_frames, static_argnums=3)
+    for _ in range(60):
+        kc, n = int(rng.integers(1, 7)), int(rng.integers(0, 7))
+        n = min(n, kc)
+        frames_ = rng.choice(30, size=n, replace=False)
+        cond_frame = np.full((kc,), -1, np.int32)
+        cond_frame[:n] = frames_
+        valid = np.arange(kc) < n
+        t, limit = int(rng.integers(0, 30)), int(rng.choice([-1, 2, 3, 4]))
+        got = np.asarray(select(jnp.asarray(cond_frame), jnp.asarray(valid), t, limit))
+        expected, _ = select_closest_cond_frames(t, {int(f): None for f in frames_}, limit)
+        assert set(cond_frame[got].tolist()) == set(expected), (frames_, t, limit)

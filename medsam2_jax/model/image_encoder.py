@@ -61,7 +61,7 @@ def stage_ends(trunk) -> list[int]:
 def init_image_encoder(key, config) -> dict:
     t = config.trunk
     specs = block_specs(t)
-    keys = iter(jax.random.split(key, 8 + 6 * len(specs)))
+    keys = iter(layers.split_key(key, 8 + 6 * len(specs)))
     bkg = tuple(t.window_pos_embed_bkg_spatial_size)
     w0 = t.window_spec[0]
     trunk = {

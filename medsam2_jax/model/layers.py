@@ -34,6 +34,16 @@ _BLOCKS = {
 }
 
 
+_fold_in = jax.jit(jax.random.fold_in)
+
+
+def split_key(key, n: int) -> list:
+    """`n` keys from `key` for initialisers: `fold_in(key, i)`, one compiled function whatever
+    `n` (an eager `jax.random.split` compiles once per count, and indexing its result once per
+    shape)."""
+    return [_fold_in(key, i) for i in range(n)]
+
+
 def random_init(key, shape, kind: str, scale: float):
     """`scale` times `kind` ("uniform" on [-1, 1], "normal", or "truncated" normal) of `shape`."""
     n = math.prod(shape)
@@ -55,7 +65,7 @@ def _uniform(key, shape, bound):
 
 
 def init_linear(key, in_dim: int, out_dim: int, bias: bool = True) -> dict:
-    k1, k2 = jax.random.split(key)
+    k1, k2 = split_key(key, 2)
     bound = 1.0 / math.sqrt(in_dim)
     p = {"kernel": _uniform(k1, (in_dim, out_dim), bound)}
     if bias:
@@ -72,7 +82,7 @@ def linear(p: dict, x):
 
 def init_mlp(key, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> dict:
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-    keys = jax.random.split(key, num_layers)
+    keys = split_key(key, num_layers)
     return {"layers": [init_linear(k, a, b) for k, a, b in zip(keys, dims[:-1], dims[1:])]}
 
 
@@ -113,7 +123,7 @@ def layer_norm(p: dict, x, eps: float):
 
 
 def init_conv(key, in_ch: int, out_ch: int, kernel: int, groups: int = 1, bias: bool = True) -> dict:
-    k1, k2 = jax.random.split(key)
+    k1, k2 = split_key(key, 2)
     fan_in = in_ch // groups * kernel * kernel
     bound = 1.0 / math.sqrt(fan_in)
     p = {"kernel": _uniform(k1, (kernel, kernel, in_ch // groups, out_ch), bound)}
@@ -155,7 +165,7 @@ def depthwise_conv(p: dict, x, padding: int):
 
 
 def init_conv_transpose(key, in_ch: int, out_ch: int, kernel: int) -> dict:
-    k1, k2 = jax.random.split(key)
+    k1, k2 = split_key(key, 2)
     # PyTorch computes the ConvTranspose2d fan-in from weight dim 1 (out_ch) * k * k.
     bound = 1.0 / math.sqrt(out_ch * kernel * kernel)
     return {

@@ -20,7 +20,7 @@ LN2D_EPS = 1e-6
 def init_attention(key, dim: int, num_heads: int, downsample_rate: int = 1, kv_in_dim: int | None = None):
     internal = dim // downsample_rate
     kv_in = dim if kv_in_dim is None else kv_in_dim
-    ks = jax.random.split(key, 4)
+    ks = layers.split_key(key, 4)
     return {
         "q_proj": layers.init_linear(ks[0], dim, internal),
         "k_proj": layers.init_linear(ks[1], kv_in, internal),
@@ -42,10 +42,10 @@ def attention(p, q, k, v, num_heads: int, impl: str, key_mask=None):
 def init_two_way_transformer(key, config) -> dict:
     md = config.mask_decoder
     d = config.hidden_dim
-    ks = jax.random.split(key, md.transformer_depth + 1)
+    ks = layers.split_key(key, md.transformer_depth + 1)
     blocks = []
     for i in range(md.transformer_depth):
-        kk = jax.random.split(ks[i], 4)
+        kk = layers.split_key(ks[i], 4)
         blocks.append(
             {
                 "self_attn": init_attention(kk[0], d, md.transformer_num_heads),
@@ -110,7 +110,7 @@ def init_mask_decoder(key, config) -> dict:
     md = config.mask_decoder
     d = config.hidden_dim
     n = num_mask_tokens(config)
-    ks = jax.random.split(key, 12 + n)
+    ks = layers.split_key(key, 12 + n)
     emb = lambda k, rows: layers.random_init(k, (rows, d), "normal", 1.0)
     p = {
         "transformer": init_two_way_transformer(ks[0], config),

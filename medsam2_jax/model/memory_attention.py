@@ -24,10 +24,10 @@ LN_EPS = 1e-5
 def init_memory_attention(key, config) -> dict:
     ma = config.memory_attention
     d = ma.d_model
-    ks = jax.random.split(key, ma.num_layers)
+    ks = layers.split_key(key, ma.num_layers)
     layer_params = []
     for k in ks:
-        kk = jax.random.split(k, 4)
+        kk = layers.split_key(k, 4)
         layer_params.append(
             {
                 "self_attn": init_attention(kk[0], d, ma.num_heads),

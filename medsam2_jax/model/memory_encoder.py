@@ -32,7 +32,7 @@ def _downsampler_layout(config):
 def init_memory_encoder(key, config) -> dict:
     me = config.memory_encoder
     d = config.hidden_dim
-    ks = iter(jax.random.split(key, 16))
+    ks = iter(layers.split_key(key, 16))
     encoder = {}
     for i, (cin, cout) in enumerate(_downsampler_layout(config)):
         # Official Sequential indices: conv 3i, LayerNorm2d 3i+1, GELU 3i+2.

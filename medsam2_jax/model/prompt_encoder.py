@@ -19,7 +19,7 @@ LN2D_EPS = 1e-6
 def init_prompt_encoder(key, config) -> dict:
     d = config.hidden_dim
     m = config.prompt_encoder.mask_in_chans
-    ks = jax.random.split(key, 10)
+    ks = layers.split_key(key, 10)
     emb = lambda k: layers.random_init(k, (1, d), "normal", 1.0)  # nn.Embedding init: N(0, 1)
     return {
         "pe_layer": {"positional_encoding_gaussian_matrix": layers.random_init(ks[0], (2, d // 2), "normal", 1.0)},

@@ -32,7 +32,7 @@ def init_params(key, config) -> dict:
 
     Use `jax.eval_shape(lambda: init_params(key, config))` for shapes only (large models).
     """
-    ks = iter(jax.random.split(key, 16))
+    ks = iter(layers.split_key(key, 16))
     d, m = config.hidden_dim, config.mem_dim
     p = {
         "image_encoder": init_image_encoder(next(ks), config),

@@ -63,8 +63,11 @@ def check(tracker_config, model_config) -> None:
         raise ValueError("read='topk' needs R <= K")
     if tracker_config.chunk_size % tracker_config.feature_batch_size:
         raise ValueError("feature_batch_size must divide chunk_size")
-    if model_config.max_cond_frames_in_attn != -1:
-        raise NotImplementedError("max_cond_frames_in_attn != -1 (closest-cond-frame selection) is not implemented")
+    limit = model_config.max_cond_frames_in_attn
+    if limit != -1 and limit < 2:
+        raise ValueError(f"max_cond_frames_in_attn must be -1 (all) or at least 2, as in SAM 2; got {limit}")
+    if limit != -1 and tracker_config.memory_policy != "fifo":
+        raise NotImplementedError("max_cond_frames_in_attn != -1 is implemented for the fifo policy (SAM 2's) only")
     if not model_config.directly_add_no_mem_embed:
         raise NotImplementedError("directly_add_no_mem_embed=False (dummy memory token) is not implemented")
     if model_config.num_maskmem < 2:

@@ -157,6 +157,17 @@ class VideoPredictor:
         out = inference_state["output_dict_per_obj"][obj_idx]
         return {t: float(np.ravel(o["object_score_logits"])[0]) for d in (out[NON_COND], out[COND]) for t, o in d.items()}
 
+    def release_frame(self, inference_state, frame_idx):
+        """Drop the stored memory and mask of a tracked (non-conditioning) frame, keeping its
+        pointer and object score. The official predictor keeps every frame's memory so a later
+        propagation or correction can start anywhere; a caller that will never start one near this
+        frame (`segment_volume` starts only at prompted slices) can keep host memory flat instead.
+        A later propagation reads a released frame as untracked."""
+        for out in inference_state["output_dict_per_obj"].values():
+            o = out[NON_COND].get(frame_idx)
+            if o is not None:
+                out[NON_COND][frame_idx] = dict(o, maskmem_features=None, pred_masks=None)
+
     def reset_state(self, inference_state):
         """Remove all objects, inputs and outputs."""
         for key in ("obj_id_to_idx", "obj_idx_to_id", "obj_ids", "point_inputs_per_obj", "mask_inputs_per_obj",
@@ -198,6 +209,10 @@ class VideoPredictor:
         most = max((len(o[COND]) for o in st["output_dict_per_obj"].values()), default=1)
         return 1 << max(most - 1, 0).bit_length()
 
+    def memory_window(self) -> int:
+        """How many tracked frames before a start frame a propagation reads (memories, pointers)."""
+        return max(recent_slots(self.config), pointer_slots(self.config))
+
     def _bank(self, st, obj_idx, frame_idx, reverse, fresh=False):
         """The `TrackerState` that tracking from `frame_idx` in this direction reads.
 
@@ -218,10 +233,10 @@ class VideoPredictor:
             b["cond_frame"][i], b["cond_valid"][i] = t, True
         sign = -1 if reverse else 1
         k, p = recent_slots(self.config), pointer_slots(self.config)
-        for d in range(1, max(k, p) + 1):
+        for d in range(1, self.memory_window() + 1):
             t = frame_idx - sign * d
             o = non_cond.get(t)
-            if o is None:
+            if o is None or o["maskmem_features"] is None:  # untracked, or released
                 continue
             if d <= k:
                 b["mem"][t % k], b["mem_frame"][t % k], b["mem_valid"][t % k] = o["maskmem_features"], t, True

@@ -4,7 +4,8 @@ A video is cut into fixed-size chunks of `chunk_size` frames in processing order
 reverse from a start frame); one compiled function scans the chunk, the state carried from chunk
 to chunk, encoding each frame's features inside the scan (`feature_batch_size` 1, the CPU default)
 or ahead of it in batches (GPU/TPU). The last chunk is padded with inactive frames, which a
-`lax.cond` skips: they cost neither features nor tracking. So every video length, start frame,
+`lax.cond` skips: they cost neither features nor tracking; so does a frame every object has
+pinned as a conditioning frame (its stored outputs are replayed, as the official predictor does). So every video length, start frame,
 direction and prompt layout runs on the same executable, device memory holds one chunk and one
 fixed-size state whatever the length, and per-frame outputs stream to the host chunk by chunk.
 
@@ -59,11 +60,10 @@ def _zeros_like(shapes):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
-def _track_if(active, track, state):
-    """`track(state)` -> (state, outputs) on an active frame; else the state unchanged and zero
-    outputs, computing nothing (`active` is per frame, outside the object vmap: a real branch)."""
-    skip = lambda st: (st, _zeros_like(jax.eval_shape(track, st)[1]))
-    return jax.lax.cond(active, track, skip, state)
+def _track_if(compute, track, replay, state):
+    """`track(state)` -> (state, outputs) where `compute`, else `replay(state)`, which computes
+    nothing. `compute` is per frame, outside the object vmap, so this is a real branch."""
+    return jax.lax.cond(compute, track, replay, state)
 
 
 def _frame(features, i):
@@ -91,11 +91,19 @@ class Compiled:
                 one = lambda s_: step_lib.track_frame(params, c, s_, f, t, num_frames, reverse, True, policy)
                 return jax.vmap(one)
 
-            if tc.feature_batch_size == 1:  # encoded inside the scan, so a padded frame costs nothing
+            def replay(t):
+                return jax.vmap(lambda s_: step_lib.replay_frame(c, s_, t, policy))
+
+            def compute(st, t, a):
+                """Not a padded frame, and not a frame every object has pinned (it is replayed)."""
+                pinned = jnp.any(st.cond_valid & (st.cond_frame == t[None, None]), axis=-1)
+                return a & ~jnp.all(pinned)
+
+            if tc.feature_batch_size == 1:  # encoded inside the scan: a skipped frame costs nothing
                 def body(st, x):
                     frame, t, a = x
                     encode_and_track = lambda st_: track(_frame(compute_features(params, c, frame[None], 1), 0), t)(st_)
-                    return _track_if(a, encode_and_track, st)
+                    return _track_if(compute(st, t, a), encode_and_track, replay(t), st)
 
                 return jax.lax.scan(body, state, (frames, frame_idx, active))
 
@@ -103,7 +111,7 @@ class Compiled:
 
             def body(st, x):
                 i, t, a = x
-                return _track_if(a, track(_frame(feats, i), t), st)
+                return _track_if(compute(st, t, a), track(_frame(feats, i), t), replay(t), st)
 
             return jax.lax.scan(body, state, (jnp.arange(frames.shape[0]), frame_idx, active))
 

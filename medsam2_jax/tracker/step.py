@@ -67,11 +67,14 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
                   image_features=vision_features[0],
                   memory_features=_empty_mask_memory(params, config, vision_features)[0] if needs_memory else None)
     read = policy.read(state, query)
+    selected = closest_cond_frames(state.cond_frame, state.cond_valid, t, config.max_cond_frames_in_attn)
+    if config.max_cond_frames_in_attn != -1 and policy.name == "fifo":
+        read = _unselected_cond_as_recent(config, state, selected, read, t, num_frames, reverse)
 
     kc, r = state.cond_mem.shape[0], read.mem.shape[0]
     cond_tok = state.cond_mem.astype(f32).reshape(kc * hw, cm)
     cond_pos = jnp.tile(mem_pos + row(jnp.int32(m - 1)), (kc, 1))
-    cond_ok = jnp.repeat(state.cond_valid, hw)
+    cond_ok = jnp.repeat(selected, hw)
     rec_tok = read.mem.astype(f32).reshape(r * hw, cm)
     rec_pos = (mem_pos[None] + row(read.tpos)[:, None, :]).reshape(r * hw, cm)
     rec_ok = jnp.repeat(read.valid, hw)
@@ -85,7 +88,7 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
             past = jnp.where(reverse, state.cond_frame >= t, state.cond_frame <= t)
         else:
             past = jnp.ones_like(state.cond_valid)
-        cond_ptr_ok = state.cond_valid & past
+        cond_ptr_ok = selected & past
         if config.use_signed_tpos_enc_to_obj_ptrs:
             cond_off = (t - state.cond_frame) * sign
         else:
@@ -112,6 +115,51 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
     out = memory_attention(params["memory_attention"], curr, curr_pos, memory, memory_pos, num_ptr_tokens,
                            config, memory_mask=memory_mask, skip_empty=skip_empty)
     return out.reshape(1, s, s, c)
+
+
+def closest_cond_frames(cond_frame, cond_valid, frame_idx, limit: int):
+    """(Kc,) bool: the conditioning frames frame `frame_idx` attends to (`select_closest_cond_frames`).
+
+    All of them when `limit` is -1 or not exceeded; else the closest one before the frame, the
+    closest at or after it, then the others by distance (ties in slot order, which is the order
+    the frames were prompted in) up to `limit`.
+    """
+    if limit == -1:
+        return cond_valid
+    big = jnp.iinfo(jnp.int32).max
+    t = jnp.asarray(frame_idx, jnp.int32)
+    before, after = cond_valid & (cond_frame < t), cond_valid & (cond_frame >= t)
+    slots = jnp.arange(cond_frame.shape[0])
+    nearest_before = before.any() & (slots == jnp.argmax(jnp.where(before, cond_frame, -big)))
+    nearest_after = after.any() & (slots == jnp.argmin(jnp.where(after, cond_frame, big)))
+    chosen = nearest_before | nearest_after
+    rest = cond_valid & ~chosen
+    order = jnp.argsort(jnp.where(rest, jnp.abs(cond_frame - t), big), stable=True)
+    rank = jnp.zeros_like(slots).at[order].set(slots)
+    chosen = chosen | (rest & (rank < limit - chosen.sum()))
+    return jnp.where(cond_valid.sum() <= limit, cond_valid, chosen)
+
+
+def _unselected_cond_as_recent(config, state, selected, read, frame_idx, num_frames, reverse):
+    """SAM 2 reads a conditioning frame left out by `max_cond_frames_in_attn` like a tracked one
+    where it falls among the recent frames: its memory at that distance, its pointer likewise."""
+    left_out = state.cond_valid & ~selected
+
+    def fill(targets, valid, eligible, values, stored):
+        match = left_out[None, :] & (state.cond_frame[None, :] == targets[:, None])  # (targets, Kc)
+        use = ~valid & eligible & match.any(1)
+        picked = stored[jnp.argmax(match, axis=1)]
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        return jnp.where(use.reshape(shape), picked.astype(values.dtype), values), valid | use
+
+    mem, valid = fill(recent_targets(config, frame_idx, reverse), read.valid, True, read.mem, state.cond_mem)
+    sign = jnp.where(reverse, -1, 1)
+    diff = jnp.arange(1, read.ptr.shape[0] + 1, dtype=jnp.int32)
+    targets = jnp.asarray(frame_idx, jnp.int32) - sign * diff
+    max_ptrs, _ = pointer_normaliser(config, num_frames)
+    eligible = (diff <= max_ptrs - 1) & (targets >= 0) & (targets < num_frames)
+    ptr, ptr_valid = fill(targets, read.ptr_valid, eligible, read.ptr, state.cond_ptr)
+    return read.replace(mem=mem, valid=valid, ptr=ptr, ptr_valid=ptr_valid)
 
 
 def _empty_mask_memory(params, config, vision_features):
@@ -189,15 +237,11 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
     mem = _encode(params, config, vf, sam["high_res_masks"], sam["object_score_logits"], False, training)
 
-    same = state.cond_valid & (state.cond_frame == frame_idx)
-    replay, cslot = same.any(), jnp.argmax(same)
-    out = {
-        "low_res_masks": jnp.where(replay, state.cond_mask[cslot], sam["low_res_masks"][0]),
-        "object_score_logits": jnp.where(replay, state.cond_score[cslot], sam["object_score_logits"][0]),
-        "obj_ptr": jnp.where(replay, state.cond_ptr[cslot], sam["obj_ptr"][0]),
-        "maskmem_features": jnp.where(replay, state.cond_mem[cslot], mem),
-        "is_cond": replay,
-    }
+    replay, stored = _stored_output(state, frame_idx)
+    tracked = {"low_res_masks": sam["low_res_masks"][0], "object_score_logits": sam["object_score_logits"][0],
+               "obj_ptr": sam["obj_ptr"][0], "maskmem_features": mem}
+    out = {k: jnp.where(replay, stored[k], tracked[k]) for k in tracked}
+    out["is_cond"] = replay
     entry = Entry(mem=mem, ptr=sam["obj_ptr"][0], frame=jnp.asarray(frame_idx, jnp.int32), iou=sam["iou"][0],
                   object_score=sam["object_score_logits"][0, 0], image_features=vf[0], conditioned_features=pix[0])
     state = policy.write(state, entry, jnp.asarray(active) & ~replay)
@@ -205,6 +249,23 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     if training:
         out["sam"] = {"low_res_multimasks": sam["low_res_multimasks"][0], "ious": sam["ious"][0]}
     return state, out
+
+
+def _stored_output(state: TrackerState, frame_idx):
+    """(is `frame_idx` a pinned conditioning frame, its stored outputs) for replay."""
+    same = state.cond_valid & (state.cond_frame == frame_idx)
+    replay, cslot = same.any(), jnp.argmax(same)
+    return replay, {"low_res_masks": state.cond_mask[cslot], "object_score_logits": state.cond_score[cslot],
+                    "obj_ptr": state.cond_ptr[cslot], "maskmem_features": state.cond_mem[cslot]}
+
+
+def replay_frame(config, state: TrackerState, frame_idx, policy=None):
+    """`track_frame`'s result on a conditioning frame, computing nothing: its stored outputs, the
+    state unchanged. For a scan that knows every object has this frame pinned (the start frame of
+    a propagation), so the image encoder and the tracker need not run."""
+    policy = _policy(config, state, policy)
+    replay, out = _stored_output(state, frame_idx)
+    return state, dict(out, is_cond=replay, bank_frames=policy.held_frames(state))
 
 
 def step(params, config, state: TrackerState, features, frame_idx, num_frames, reverse=False, prompt=None,
