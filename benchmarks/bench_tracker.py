@@ -152,7 +152,8 @@ def main() -> None:
         result = {}
         for name, fn, model in (("official", run_official, official), ("ours", run_ours, ours)):
             runs = [fn(model, frames) for _ in range(repeats)]
-            result[name] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs), stored_mb_per_frame(runs[-1][2]))
+            result[name] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs),
+                            stored_mb_per_frame(runs[-1][2]))
         rows.append((size, num_frames, repeats, result))
         print(f"done {size} px x {num_frames}: official {result['official'][0]:.3f} s/frame, "
               f"ours {result['ours'][0]:.3f}", flush=True)

@@ -83,7 +83,9 @@ def test_policy_changes_what_the_clip_reads(setup):
     fifo = _forward(setup, memory_policy="fifo")
     none = _forward(setup, memory_policy="self_sorting", conf_threshold=2.0)
     assert (none["bank_frames"] == -1).all()
-    np.testing.assert_array_equal(none["tracked_masks"][:, 1], fifo["tracked_masks"][:, 1])
+    # Equal up to rounding: the two banks have different numbers of (masked) keys, so the
+    # attention sums in a different order.
+    np.testing.assert_allclose(none["tracked_masks"][:, 1], fifo["tracked_masks"][:, 1], rtol=0, atol=1e-5)
     diff = np.abs(none["tracked_masks"][:, 2:] - fifo["tracked_masks"][:, 2:]).max()
     assert diff > 1e-4, diff
     sorting = _forward(setup, memory_policy="self_sorting", conf_threshold=0.0, lambda_conf=0.5)

@@ -26,7 +26,8 @@ def gelu(x):
 # compiles each distribution once. Eager, jitted and `jax.eval_shape` calls give the same values.
 _BLOCK = 1 << 16
 _BLOCKS = {
-    "uniform": jax.jit(lambda key, i: jax.random.uniform(jax.random.fold_in(key, i), (_BLOCK,), jnp.float32, -1.0, 1.0)),
+    "uniform": jax.jit(lambda key, i: jax.random.uniform(jax.random.fold_in(key, i), (_BLOCK,), jnp.float32,
+                                                         -1.0, 1.0)),
     "normal": jax.jit(lambda key, i: jax.random.normal(jax.random.fold_in(key, i), (_BLOCK,), jnp.float32)),
     # Truncated at +-2 in units of the parameter (`std * N(0, 1)` cut at `-2 / std, 2 / std`).
     "truncated": jax.jit(lambda key, i, std: jax.random.truncated_normal(
@@ -52,7 +53,8 @@ def random_init(key, shape, kind: str, scale: float):
     if isinstance(key, jax.core.Tracer):  # one vmapped draw per parameter keeps the program small
         blocks = jax.vmap(lambda i: _BLOCKS[kind](key, i, *extra))(jnp.arange(count))
         return (blocks.reshape(-1)[:n] * jnp.float32(scale)).reshape(shape)
-    flat = np.concatenate([np.asarray(_BLOCKS[kind](key, i, *extra)) for i in range(count)] + [np.zeros((0,), np.float32)])
+    blocks = [np.asarray(_BLOCKS[kind](key, i, *extra)) for i in range(count)]
+    flat = np.concatenate(blocks + [np.zeros((0,), np.float32)])
     return jnp.asarray((flat[:n] * np.float32(scale)).reshape(shape))
 
 

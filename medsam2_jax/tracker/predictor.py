@@ -15,7 +15,10 @@ start frame and runs the chunked, compiled `lax.scan` (`propagate.iter_propagate
 objects at once, streaming outputs back to the host store.
 
 Like the official predictor, the host store keeps every tracked frame's memory (bfloat16) so a
-later call can start anywhere; the device only ever holds one chunk and the fixed-size state.
+later call can start anywhere (`release_frame` drops one that no call will start near); the device
+only ever holds one chunk and the fixed-size state, and the host one chunk of model-resolution
+frames (`Frames`: the video is resized and normalised as tracking reaches it). Cond slots are sized
+to the prompts; empty slots and the prompted frame itself cost no compute.
 Hole filling is not applied (the official predictor skips it on CPU: it needs CUDA).
 """
 

@@ -29,6 +29,7 @@ from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import config as tracker_config_lib
 from medsam2_jax.tracker import step as step_lib
 from medsam2_jax.tracker.policies import make_policy
+from medsam2_jax.tracker import state as state_lib
 from medsam2_jax.tracker.state import TrackerState
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -153,6 +154,13 @@ def compiled(config, tracker_config=None) -> Compiled:
     if key not in _COMPILED:
         _COMPILED[key] = Compiled(copy.deepcopy(config), copy.deepcopy(tracker_config))
     return _COMPILED[key]
+
+
+def init_state(config, tracker_config=None, policy=None) -> TrackerState:
+    """An empty bank for one object under `tracker_config`'s memory policy: `state.init_state`
+    with the policy made for you (`medsam2_jax.tracker.init_state`)."""
+    tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
+    return state_lib.init_state(config, tracker_config, policy or make_policy(config, tracker_config))
 
 
 def processing_order(num_frames: int, start_frame_idx: int, max_frame_num_to_track=None, reverse=False):

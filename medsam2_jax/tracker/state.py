@@ -60,7 +60,7 @@ def init_state(config, tracker_config, policy=None) -> TrackerState:
     """
     if policy is None and tracker_config.memory_policy != "fifo":
         raise ValueError(f"init_state for memory policy {tracker_config.memory_policy!r} needs the policy: "
-                         "pass policies.make_policy(config, tracker_config)")
+                         "pass policies.make_policy(config, tracker_config), or use medsam2_jax.tracker.init_state")
     s = config.image_size // config.backbone_stride
     kc, k, p = tracker_config.max_cond_frames, recent_slots(config), pointer_slots(config)
     c, cm = config.hidden_dim, config.mem_dim
