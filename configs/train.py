@@ -54,9 +54,8 @@ SHARDING_RULES = (
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = {"test_tiny": "test", "demo_images": "demo", "demo_tracking": "demo", "demo_stop": "demo",
-                                "demo_stop_refine": "demo"}.get(
-        variant, variant)
+    demo_stages = ("demo_images", "demo_tracking", "demo_stop", "demo_stop_refine")
+    c.model = "test" if variant == "test_tiny" else "demo" if variant in demo_stages else variant
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
     c.seed = 123

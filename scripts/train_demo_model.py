@@ -449,7 +449,7 @@ def main(argv=None) -> int:
                              f"--init (the previous stage's export){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
         config, state, seconds = train_model(manifest, workdir, steps, stages, args.init)
         info = {"config": f"configs/train.py:{stages[-1]}", "stages": list(stages), "steps": steps,
-                "init": args.init or None, "train_seconds_this_run": seconds, "resumed": resumed,
+                "init": portable(args.init, workdir) if args.init else None, "train_seconds_this_run": seconds, "resumed": resumed,
                 "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in stages},
                 "held_out": HELD_OUT, "manifest": [{k: portable(v, workdir) for k, v in json.loads(x).items()}
                                                      for x in manifest.read_text().splitlines()]}

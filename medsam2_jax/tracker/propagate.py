@@ -5,9 +5,10 @@ reverse from a start frame); one compiled function scans the chunk, the state ca
 to chunk, encoding each frame's features inside the scan (`feature_batch_size` 1, the CPU default)
 or ahead of it in batches (GPU/TPU). The last chunk is padded with inactive frames, which a
 `lax.cond` skips: they cost neither features nor tracking; so does a frame every object has
-pinned as a conditioning frame (its stored outputs are replayed, as the official predictor does). So every video length, start frame,
-direction and prompt layout runs on the same executable, device memory holds one chunk and one
-fixed-size state whatever the length, and per-frame outputs stream to the host chunk by chunk.
+pinned as a conditioning frame (its stored outputs are replayed, as the official predictor does).
+So every video length, start frame, direction and prompt layout runs on the same executable,
+device memory holds one chunk and one fixed-size state whatever the length, and per-frame outputs
+stream to the host chunk by chunk.
 
 Prompts go in before the scan with `add_prompt` (as the official predictor encodes every prompted
 frame before `propagate_in_video`): all conditioning frames are in the bank from the first tracked
@@ -61,12 +62,6 @@ def _zeros_like(shapes):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
-def _track_if(compute, track, replay, state):
-    """`track(state)` -> (state, outputs) where `compute`, else `replay(state)`, which computes
-    nothing. `compute` is per frame, outside the object vmap, so this is a real branch."""
-    return jax.lax.cond(compute, track, replay, state)
-
-
 def _frame(features, i):
     hr = features["high_res_features"]
     return {
@@ -96,25 +91,25 @@ class Compiled:
                 return jax.vmap(lambda s_: step_lib.replay_frame(c, s_, t, policy))
 
             def compute(st, t, a):
-                """Not a padded frame, and not a frame every object has pinned (it is replayed)."""
+                """Not a padded frame, and not a frame every object has pinned (it is replayed).
+                Per frame, outside the object vmap: the `lax.cond` below is a real branch."""
                 pinned = jnp.any(st.cond_valid & (st.cond_frame == t[None, None]), axis=-1)
                 return a & ~jnp.all(pinned)
 
-            if tc.feature_batch_size == 1:  # encoded inside the scan: a skipped frame costs nothing
-                def body(st, x):
-                    frame, t, a = x
-                    encode_and_track = lambda st_: track(_frame(compute_features(params, c, frame[None], 1), 0), t)(st_)
-                    return _track_if(compute(st, t, a), encode_and_track, replay(t), st)
+            # CPU (feature_batch_size 1): each frame is encoded inside the scan, under the branch,
+            # so a skipped frame costs nothing; else the chunk is encoded ahead in batches.
+            feats = None if tc.feature_batch_size == 1 else compute_features(params, c, frames, tc.feature_batch_size,
+                                                                              active)
 
-                return jax.lax.scan(body, state, (frames, frame_idx, active))
-
-            feats = compute_features(params, c, frames, tc.feature_batch_size, active)
+            def features(i, frame):
+                return _frame(compute_features(params, c, frame[None], 1), 0) if feats is None else _frame(feats, i)
 
             def body(st, x):
-                i, t, a = x
-                return _track_if(compute(st, t, a), track(_frame(feats, i), t), replay(t), st)
+                i, frame, t, a = x
+                run = lambda st_: track(features(i, frame), t)(st_)  # traced inside the branch
+                return jax.lax.cond(compute(st, t, a), run, replay(t), st)
 
-            return jax.lax.scan(body, state, (jnp.arange(frames.shape[0]), frame_idx, active))
+            return jax.lax.scan(body, state, (jnp.arange(frames.shape[0]), frames, frame_idx, active))
 
         def add_prompt(params, state, frame, prompt, frame_idx, prompted):
             TRACE_COUNTS["add_prompt"] += 1

@@ -23,7 +23,7 @@ from medsam2_jax.model import layers, sam2
 from medsam2_jax.model.memory_attention import memory_attention
 from medsam2_jax.model.position_encoding import sine_1d, sine_2d
 from medsam2_jax.tracker.policies import Entry, Query
-from medsam2_jax.tracker.policies.fifo import Fifo, pointer_normaliser, recent_targets  # noqa: F401
+from medsam2_jax.tracker.policies.fifo import Fifo, pointer_normaliser, pointer_targets, recent_targets
 from medsam2_jax.tracker.state import MEMORY_DTYPE, TrackerState, write_cond
 
 
@@ -153,11 +153,7 @@ def _unselected_cond_as_recent(config, state, selected, read, frame_idx, num_fra
         return jnp.where(use.reshape(shape), picked.astype(values.dtype), values), valid | use
 
     mem, valid = fill(recent_targets(config, frame_idx, reverse), read.valid, True, read.mem, state.cond_mem)
-    sign = jnp.where(reverse, -1, 1)
-    diff = jnp.arange(1, read.ptr.shape[0] + 1, dtype=jnp.int32)
-    targets = jnp.asarray(frame_idx, jnp.int32) - sign * diff
-    max_ptrs, _ = pointer_normaliser(config, num_frames)
-    eligible = (diff <= max_ptrs - 1) & (targets >= 0) & (targets < num_frames)
+    targets, eligible = pointer_targets(config, frame_idx, reverse, num_frames, read.ptr.shape[0])
     ptr, ptr_valid = fill(targets, read.ptr_valid, eligible, read.ptr, state.cond_ptr)
     return read.replace(mem=mem, valid=valid, ptr=ptr, ptr_valid=ptr_valid)
 

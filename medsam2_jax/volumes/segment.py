@@ -62,7 +62,7 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
 
     object_ids = list(prompts.object_ids)
     n, (h, w) = hi - lo + 1, prompts.slice_shape
-    window = predictor.memory_window()  # what a pass starting at a prompted slice reads
+    reach = predictor.memory_window()  # how far back a pass starting at a prompted slice reads
     passes = {}
     for reverse in (False, True):
         logits = np.full((n, len(object_ids), h, w), np.nan, np.float32)
@@ -70,7 +70,7 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
         start = max(slices) if reverse else min(slices)
         for frame_idx, ids, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
             logits[frame_idx] = _reorder(masks[:, 0], list(ids), object_ids)
-            if min(abs(frame_idx - k) for k in slices) > window:
+            if min(abs(frame_idx - k) for k in slices) > reach:
                 predictor.release_frame(state, frame_idx)  # no pass starts near it: host memory stays flat
             if progress is not None:
                 progress(1)

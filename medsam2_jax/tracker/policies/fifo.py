@@ -30,6 +30,15 @@ def pointer_normaliser(config, num_frames):
     return max_ptrs, jnp.maximum(max_ptrs - 1, 1).astype(jnp.float32)
 
 
+def pointer_targets(config, frame_idx, reverse, num_frames, count: int):
+    """(frame indices, eligible) of the `count` frames t-1, t-2, ... (tracking direction) whose
+    pointers a frame may read: within `max_ptrs - 1` of it and inside the video."""
+    max_ptrs, _ = pointer_normaliser(config, num_frames)
+    diff = jnp.arange(1, count + 1, dtype=jnp.int32)
+    target = jnp.asarray(frame_idx, jnp.int32) - jnp.where(reverse, -1, 1) * diff
+    return target, (diff <= max_ptrs - 1) & (target >= 0) & (target < num_frames)
+
+
 class Fifo(MemoryPolicy):
     name = "fifo"
 
@@ -41,17 +50,17 @@ class Fifo(MemoryPolicy):
 
     def read(self, state, query):
         config, m = self.config, self.config.num_maskmem
-        t, sign = query.frame, jnp.where(query.reverse, -1, 1)
+        t = query.frame
         slot, found = lookup_recent(state.mem_frame, state.mem_valid, recent_targets(config, t, query.reverse))
         t_pos = jnp.arange(1, m, dtype=jnp.int32)
         # Then pointers of frames t-1, t-2, ... (tracking direction) up to max_ptrs - 1 back.
-        max_ptrs, t_diff_max = pointer_normaliser(config, query.num_frames)
-        diff = jnp.arange(1, state.ptr.shape[0] + 1, dtype=jnp.int32)
-        target = t - sign * diff
+        count = state.ptr.shape[0]
+        target, eligible = pointer_targets(config, t, query.reverse, query.num_frames, count)
         pslot, pfound = lookup_recent(state.ptr_frame, state.ptr_valid, target)
-        ptr_ok = pfound & (diff <= max_ptrs - 1) & (target >= 0) & (target < query.num_frames)
+        diff = jnp.arange(1, count + 1, dtype=jnp.float32)
+        _, t_diff_max = pointer_normaliser(config, query.num_frames)
         return MemoryRead(mem=state.mem[slot], tpos=m - t_pos - 1, valid=found, ptr=state.ptr[pslot],
-                          ptr_offset=diff.astype(jnp.float32) / t_diff_max, ptr_valid=ptr_ok)
+                          ptr_offset=diff / t_diff_max, ptr_valid=pfound & eligible)
 
     def held_frames(self, state):
         return jnp.where(state.mem_valid, state.mem_frame, -1)
