@@ -54,7 +54,7 @@ SHARDING_RULES = (
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    demo_stages = ("demo_images", "demo_tracking", "demo_stop", "demo_stop_refine")
+    demo_stages = ("demo_images", "demo_tracking", "demo_stop", "demo_stop_refine", "demo_crop_images", "demo_crop")
     c.model = "test" if variant == "test_tiny" else "demo" if variant in demo_stages else variant
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
@@ -68,6 +68,14 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c.data.slice_axis = "random"  # 0, 1, 2 (canonical RAS voxel axes) or "random"
     c.data.exit_prob = 0.0  # share of clips started near the anchor's last slice, so they run past its end
     c.data.max_slice_stride = 1  # frames every k-th slice, k uniform in 1..max per clip (thicker slices)
+    # Prompt-centred windows, as `segment --crop` shows them to the model: the share of clips cut to
+    # a square around the anchor's first-frame box, crop_factor times its longer side (>= min side px).
+    c.data.crop_prob = 0.0
+    c.data.crop_factor = (2.5, 4.0)
+    c.data.crop_min_side = 32.0
+    # The prompt window the exported weights expect (their manifest's inference.crop, the default of
+    # `segment`/`demo`/`evaluate --crop`); 0 = whole slices.
+    c.inference_crop = 0.0
     c.data.image_size = c.model_config.image_size
     c.data.on_bad_record = "skip"  # "skip" (log a warning naming the file) or "raise"
     c.data.num_epochs = -1  # -1 repeats forever
@@ -178,7 +186,8 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             m.memory_attention.num_layers = 1
             m.memory_attention.dim_feedforward = 256
             c.prompts.num_correction_points = 1
-    elif variant in ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine"):
+    elif variant in ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine", "demo_crop_images",
+                     "demo_crop"):
         # From scratch on two CPU cores, in three stages, each from the previous one's weights:
         #   demo_images    encoder and decoder on single prompted slices (cheap steps, all prompted);
         #   demo_tracking  the memory path on slice pairs, conditioned on the GT mask (a clean
@@ -252,6 +261,34 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             c.prompts.prob_point_input = 0.6
             c.prompts.prob_box_input = 0.8
             c.num_steps, c.lr = (400, 2e-4) if variant == "demo_stop" else (500, 1e-4)
+        elif variant in ("demo_crop_images", "demo_crop"):
+            # Prompt-centred windows (`segment --crop`): at 128 px a whole brain slice leaves a
+            # thalamus 3-4 pixels of the 32 x 32 mask and one cell of the 8 x 8 memory grid; a
+            # window 3x the box gives it ~10 mask pixels and 3 cells. First single slices with the
+            # image encoder trained (the new scale), then the stopping clips on the new scale.
+            c.data.crop_prob = 0.8
+            c.data.crop_factor = (2.5, 4.0)
+            c.inference_crop = 3.0
+            c.warmup_steps = 20
+            if variant == "demo_crop_images":
+                c.freeze = ()
+                c.data.clip_length = 1
+                c.batch_size = 16
+                c.num_steps = 300
+                c.lr = c.vision_lr = 3e-4
+                c.prompts.prob_point_input = 0.9
+                c.prompts.prob_box_input = 0.8
+            else:
+                c.data.clip_length = 3
+                c.data.exit_prob = 0.5
+                c.data.max_slice_stride = 3
+                c.batch_size = 6
+                c.num_steps = 600
+                c.lr = 2e-4
+                c.checkpoint_every = 100
+                c.loss.mask_on_absent = True
+                c.prompts.prob_point_input = 0.6
+                c.prompts.prob_box_input = 0.8
     elif variant not in model_configs.VARIANTS:
         raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
     return c

@@ -213,8 +213,10 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def save_params(params, out_dir: str | os.PathLike, config, manifest: list | None = None,
-                source: str | None = None) -> Path:
-    """Save params with Orbax under OUT_DIR/params and a manifest beside them."""
+                source: str | None = None, inference: dict | None = None) -> Path:
+    """Save params with Orbax under OUT_DIR/params and a manifest beside them. `inference`: how
+    the weights expect to be run (e.g. {"crop": 3.0}, the prompt window they were trained on);
+    `segment`, `demo` and `evaluate` take it as their default."""
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
@@ -234,9 +236,25 @@ def save_params(params, out_dir: str | os.PathLike, config, manifest: list | Non
         "num_params": int(sum(np.prod(v.shape) for v in flatten_params(params).values())),
         "entries": manifest or [],
     }
+    if inference:
+        info["inference"] = dict(inference)
     text = json.dumps(info, indent=1)
     _atomic(out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text))
     return out_dir
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    """A checkpoint folder's manifest.json ({} when it has none)."""
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable manifest ({_one_line(error)}); re-export the checkpoint") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: a manifest is a JSON object; re-export the checkpoint")
+    return info
 
 
 def load_params(ckpt_dir: str | os.PathLike, config):

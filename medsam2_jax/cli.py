@@ -13,6 +13,7 @@ User errors print one line on stderr and exit with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -66,28 +67,44 @@ def cmd_convert(args) -> int:
 # segment / demo
 
 
-def _model(args):
-    """(params, config, checkpoint description) from --checkpoint or the shipped weights."""
+@dataclasses.dataclass(frozen=True)
+class Model:
+    params: object
+    config: object
+    checkpoint: str  # what the sidecar and reports name: a folder, shipped:NAME or untrained-random-init
+    inference: dict  # the checkpoint manifest's run settings, e.g. {"crop": 3.0}
+
+
+def _model(args) -> Model:
+    """The model of --checkpoint (its config from --config, else its manifest, else medsam2) or
+    the shipped weights."""
     import jax
 
-    from medsam2_jax.convert.checkpoint import load_params
+    from medsam2_jax.convert.checkpoint import load_params, read_manifest
     from medsam2_jax import weights
 
     if args.checkpoint:
-        config = _config(args.config or "medsam2")
-        return load_params(args.checkpoint, config), config, str(args.checkpoint)
+        info = read_manifest(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
+        config = _config(args.config or info.get("config") or "medsam2")
+        return Model(load_params(args.checkpoint, config), config, str(args.checkpoint), dict(info.get("inference", {})))
     shipped = weights.default_checkpoint()
     if shipped is not None:
         config = _config(args.config or shipped.config)
         if config.name != shipped.config:
             raise UserError(f"the shipped weights are for config {shipped.config}; pass --checkpoint for {config.name}")
-        return load_params(shipped.path, config), config, f"shipped:{shipped.name}"
+        return Model(load_params(shipped.path, config), config, f"shipped:{shipped.name}", shipped.inference)
     from medsam2_jax.model.sam2 import init_params
 
     config = _config(args.config or "test")
     print("warning: no trained weights ship with this version and no --checkpoint was given: "
           "running UNTRAINED random weights, so the masks mean nothing", file=sys.stderr)
-    return init_params(jax.random.PRNGKey(0), config), config, "untrained-random-init"
+    return Model(init_params(jax.random.PRNGKey(0), config), config, "untrained-random-init", {})
+
+
+def _crop(args, model: Model) -> float | None:
+    """The prompt window factor: --crop (0 = whole slices), else the checkpoint's own."""
+    crop = args.crop if args.crop is not None else model.inference.get("crop")
+    return float(crop) if crop else None
 
 
 def _parse_at(text: str, what: str, n: int) -> tuple[list[float], float]:
@@ -147,19 +164,19 @@ def _parse_z_range(text: str) -> list[float]:
     return [first, last]
 
 
-def _run_segmentation(volume, prompts, params, config, args, checkpoint: str):
+def _run_segmentation(volume, prompts, model: Model, args):
     from medsam2_jax.tracker.config import get_tracker_config
     from medsam2_jax.tracker.predictor import VideoPredictor
     from medsam2_jax.volumes.segment import segment_volume, segment_volume_multi_orientation
 
-    predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy))
+    predictor = VideoPredictor(model.params, model.config, get_tracker_config(memory_policy=args.policy))
     first, last = prompts.tracked_range()
     total = 2 * (last - first + 1)
     if args.multi_orientation:
         total = 2 * sum(volume.shape)
     bar = _progress_bar(total, "slices")
     kwargs = dict(window=args.window, level=args.level, width=args.width, largest_component=args.largest_component,
-                  progress=bar.update)
+                  crop=_crop(args, model), progress=bar.update)
     try:
         if args.multi_orientation:
             return segment_volume_multi_orientation(volume, prompts, predictor, fusion=args.fusion, **kwargs)
@@ -202,17 +219,18 @@ def params_sha256(params) -> str:
     return h.hexdigest()
 
 
-def _write_outputs(volume, prompts, result, out: Path, config, checkpoint: str, args, params):
+def _write_outputs(volume, prompts, result, out: Path, model: Model, args):
     from medsam2_jax.volumes.montage import write_montage
     from medsam2_jax.volumes.output import write_segmentation
 
-    paths = write_segmentation(volume, result.labels, out, prompts=prompts, config_name=config.name,
-                               checkpoint_hash=params_sha256(params), slice_object_scores=result.slice_scores,
+    paths = write_segmentation(volume, result.labels, out, prompts=prompts, config_name=model.config.name,
+                               checkpoint_hash=params_sha256(model.params), slice_object_scores=result.slice_scores,
                                probabilities=np.moveaxis(result.probabilities, 0, -1) if args.probabilities else None,
-                               extra={"checkpoint": checkpoint, "memory_policy": args.policy})
+                               extra={"checkpoint": model.checkpoint, "memory_policy": args.policy,
+                                      "crop": _crop(args, model)})
     if not args.no_montage:
         paths["montage"] = write_montage(volume, result.labels, _montage_path(out), prompts=prompts,
-                                         title=f"{Path(volume.source_path).name}: {config.name}, {checkpoint}")
+                                         title=f"{Path(volume.source_path).name}: {model.config.name}, {model.checkpoint}")
     return paths
 
 
@@ -231,6 +249,10 @@ def _check_options(args) -> None:
 
     if args.policy not in REGISTRY:
         raise UserError(f"unknown --policy {args.policy!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    crop = getattr(args, "crop", None)
+    if crop is not None and crop != 0 and not crop >= 1:
+        raise UserError(f"--crop {crop:g}: give a window factor of at least 1 (the window holds the prompts), "
+                        "or 0 for whole slices")
     level, width = getattr(args, "level", None), getattr(args, "width", None)
     if args.window is not None or level is not None or width is not None:
         try:
@@ -250,9 +272,9 @@ def cmd_segment(args) -> int:
     check_output_folder(out)  # before the slow part: an unwritable folder fails at once
     volume = load_volume(args.input)
     prompts = _prompts(args, volume)
-    params, config, checkpoint = _model(args)
-    result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
-    paths = _write_outputs(volume, prompts, result, out, config, checkpoint, args, params)
+    model = _model(args)
+    result = _run_segmentation(volume, prompts, model, args)
+    paths = _write_outputs(volume, prompts, result, out, model, args)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -306,8 +328,8 @@ def cmd_segment_2d(args) -> int:
     for x, y in [xy for xy, _ in clicks] + ([prompt["box"][:2], prompt["box"][2:]] if args.box else []):
         if not (0 <= x <= w and 0 <= y <= h):
             raise UserError(f"prompt point ({x:g}, {y:g}) lies outside the {w}x{h} template")
-    params, config, checkpoint = _model(args)
-    masks = segment_one_prompt(images, template, prompt, params=params, config=config,
+    model = _model(args)
+    masks = segment_one_prompt(images, template, prompt, params=model.params, config=model.config,
                                tracker_config=get_tracker_config(memory_policy=args.policy))
     for src, mask in zip(args.images, masks):
         target = out_dir / (Path(src).name.split(".")[0] + "_mask.png")
@@ -344,12 +366,13 @@ def cmd_demo(args) -> int:
     entry = E.make_prompt(structure, options, np.random.default_rng(0))
     prompts = build_prompts(volume, [entry], space="canonical", axis="axial")
     z = prompts.prompts[0].slice_index
-    params, config, checkpoint = _model(args)
+    model = _model(args)
+    config, checkpoint = model.config, model.checkpoint
     t0 = time.perf_counter()
-    result = _run_segmentation(volume, prompts, params, config, args, checkpoint)
+    result = _run_segmentation(volume, prompts, model, args)
     seconds = time.perf_counter() - t0
     montage, args.no_montage = not args.no_montage, True  # the demo draws its own: prediction and truth
-    paths = _write_outputs(volume, prompts, result, out_dir / "demo_labels.nii.gz", config, checkpoint, args, params)
+    paths = _write_outputs(volume, prompts, result, out_dir / "demo_labels.nii.gz", model, args)
     pred = result.labels == 1
     if montage:
         paths["montage"] = write_montage(
@@ -373,7 +396,8 @@ def cmd_demo(args) -> int:
         f"volume: Colin27 T1 ({'x'.join(map(str, volume.shape))}), structure: AAL {label} ({name}), "
         f"true axial slices {truth['true_first']}-{truth['true_last']}",
         f"prompt: one box on axial slice {z} (the structure's largest), propagated forward and backward",
-        f"model: {config.name} at {config.image_size} px, weights: {checkpoint}",
+        f"model: {config.name} at {config.image_size} px, weights: {checkpoint}"
+        + (f", window {crop:g}x the box (--crop)" if (crop := _crop(args, model)) else ""),
         "",
         f"| against the AAL label | Dice | NSD ({options.tolerance_mm:g} mm) | HD95 (mm) | predicted |",
         "|---|---|---|---|---|",
@@ -413,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(q):
         q.add_argument("--checkpoint", help="our converted checkpoint folder (medsam2-jax convert); "
                        "default: the weights that ship with the package")
-        q.add_argument("--config", default=None, help="model variant (default: the checkpoint's, medsam2 for --checkpoint)")
+        q.add_argument("--config", default=None, help="model variant (default: the one in the checkpoint's manifest.json; medsam2 without one)")
         q.add_argument("--policy", default="fifo", help="memory policy (default: fifo, SAM 2's)")
         q.add_argument("--window", help="CT window by name: abdomen, lung, bone, brain, soft_tissue")
         q.add_argument("--level", type=float, help="CT window level in HU (with --width)")
@@ -425,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how --multi-orientation fuses the three passes (default: mean of probabilities)")
         q.add_argument("--probabilities", action="store_true", help="also write per-object probabilities")
         q.add_argument("--no-montage", action="store_true", help="skip the overlay montage PNG")
+
+    def crop_option(q):
+        q.add_argument("--crop", type=float, default=None, metavar="FACTOR",
+                       help="show the model only a square window FACTOR x the prompts' extent on every slice "
+                       "(0: whole slices; default: the checkpoint's own, 3 for the shipped demo model)")
 
     q = sub.add_parser(
         "segment",
@@ -448,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the structure's first and last slice (in the prompts' Z): propagation stays inside, "
                    "nothing is segmented beyond (a box plus a slice range, as 3D Slicer's MedSAM plugins ask)")
     model_options(q)
+    crop_option(q)
     q.set_defaults(func=cmd_segment)
 
     t = sub.add_parser(
@@ -473,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "one box on the left thalamus, forward and backward propagation, label NIfTI, montage, report.")
     d.add_argument("--out-dir", default="medsam2_demo", help="where to write the outputs (default: ./medsam2_demo)")
     model_options(d)
+    crop_option(d)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser(
@@ -500,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, help="model variant (default: the checkpoint's)")
     e.add_argument("--policy", default="fifo", help="memory policy (default: fifo, SAM 2's)")
     e.add_argument("--window", help="CT window by name for every volume (default: each manifest entry's own)")
+    crop_option(e)
     e.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -531,8 +563,10 @@ def cmd_evaluate(args) -> int:
             structures = sets.built_in(args.structure_set or "aal_held_out", limit=args.limit)
     except ValueError as error:  # DataError and unknown set names
         raise UserError(str(error)) from None
-    params, config, checkpoint = _model(args)
-    predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy))
+    model = _model(args)
+    config, checkpoint = model.config, model.checkpoint
+    options = dataclasses.replace(options, crop=_crop(args, model))
+    predictor = VideoPredictor(model.params, config, get_tracker_config(memory_policy=args.policy))
     runs = 2 if options.z_range else 1
     bar = _progress_bar(runs * 2 * sum(s.target.shape[s.axis] for s in structures), "slices")
     try:
@@ -540,7 +574,7 @@ def cmd_evaluate(args) -> int:
                              log=lambda line: print(line, flush=True))
     finally:
         bar.close()
-    results["checkpoint"], results["config"] = checkpoint, config.name
+    results["checkpoint"], results["config"], results["crop"] = checkpoint, config.name, options.crop
     results["structures"] = args.manifest or args.structure_set or "aal_held_out"
     paths = E.write_report(results, out_dir, title=f"{results['structures']}: {config.name}, {checkpoint}")
     summary = results["summary"]

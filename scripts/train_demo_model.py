@@ -120,7 +120,7 @@ def _save(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-STAGES = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine")  # configs/train.py variants, in order
+STAGES = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine", "demo_crop_images", "demo_crop")  # configs/train.py variants, in order
 
 
 def train_model(manifest: Path, workdir: Path, steps: dict[str, int], stages=STAGES, init: str = ""):
@@ -186,7 +186,8 @@ def export(params, config, out_dir: Path, info: dict) -> None:
     params = jax.device_get(params)
     tmp = Path(tempfile.mkdtemp(prefix=".demo_export_", dir=out_dir.parent))
     try:
-        save_params(params, tmp / "w", config.model_config, source=None)
+        crop = config.get("inference_crop", 0.0)
+        save_params(params, tmp / "w", config.model_config, source=None, inference={"crop": crop} if crop else None)
         # Orbax writes the absolute path it saved to here; the shipped copy must not name this machine.
         (tmp / "w" / "params" / "commit_success.txt").write_text("Checkpoint commit was successful")
         (tmp / "w" / "training.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -232,15 +233,17 @@ def evaluate(weights: Path) -> dict:
     from medsam2_jax.tracker.config import get_tracker_config
     from medsam2_jax.tracker.predictor import VideoPredictor
 
-    config = get_config(json.loads((weights / "manifest.json").read_text())["config"])
+    manifest = json.loads((weights / "manifest.json").read_text())
+    config = get_config(manifest["config"])
+    crop = manifest.get("inference", {}).get("crop")  # the prompt window the weights were trained for
     predictor = VideoPredictor(load_params(weights, config), config, get_tracker_config())
     out = {}
     for name, protocol, stem in EVALUATIONS:
         structures = sets.built_in(name, limit=STARDIST_NUCLEI if name == "stardist3d" else None)
         t0 = time.time()
-        results = E.evaluate(structures, predictor, E.Options(protocol=protocol), log=print)
+        results = E.evaluate(structures, predictor, E.Options(protocol=protocol, crop=crop), log=print)
         results["seconds"] = round(time.time() - t0, 1)
-        results["structures"], results["config"] = name, config.name
+        results["structures"], results["config"], results["crop"] = name, config.name, crop
         E.write_report(results, weights, stem=stem, title=f"{name}: the demo model ({config.name})")
         out[stem] = results
     return out
@@ -328,6 +331,10 @@ def write_card(out: Path) -> None:
             what += f" every 1 to {c.data.max_slice_stride} slices"
         if c.data.exit_prob:
             what += f" ({c.data.exit_prob:.0%} of them started near the object's last slice, so they run past its end)"
+        if c.data.get("crop_prob", 0.0):
+            lo, hi = c.data.crop_factor
+            what += (f", {c.data.crop_prob:.0%} of them cut to a window {lo:g}-{hi:g}x the object's first-frame box "
+                     "(the prompt window)")
         local = "; memory cross-attention started local (`local_memory_attention_init`)" \
             if c.local_memory_attention_init else ""
         frozen = "; trainable: " + "everything but the image encoder" if c.freeze == (r"^image_encoder\.",) else (
@@ -338,6 +345,17 @@ def write_card(out: Path) -> None:
             f"{p.prob_point_input * p.prob_box_input:.2f}, click {p.prob_point_input * (1 - p.prob_box_input):.2f}, "
             f"mask {1 - p.prob_point_input:.2f}.")
     stage_lines = "\n".join(stage_lines)
+    crop = manifest.get("inference", {}).get("crop")
+    crop_manifest = f'; `inference.crop` {crop:g}, the prompt window below' if crop else ""
+    crop_model = (f"""
+- **Prompt window.** The model was trained (stages `demo_crop_*`) and is run on a square window
+  around the prompt: {crop:g} times the box's longer side in mm (at least 32 mm), cut from every slice
+  and resized to {m.image_size} px (`segment --crop`, whose default is this manifest's value; `--crop 0`
+  shows whole slices). Outside the window nothing is predicted. At {m.image_size} px a whole brain
+  slice leaves a thalamus 3-4 pixels of the 32 x 32 mask and one cell of the 8 x 8 memory grid;
+  the window makes it about three times larger.""" if crop else "")
+    crop_eval = f", the model shown a window {crop:g}x the box on every slice (`--crop`, the manifest's default)" \
+        if crop else ""
     held_out = results["eval_held_out"]
     targets = meets_targets(held_out)
     s = held_out["summary"]
@@ -356,8 +374,8 @@ training pipeline trains. It was trained here, from scratch, on one brain.
   {m.image_size} px. {manifest['num_params']:,} parameters, float32, {size_mb:.1f} MB on disk (Orbax).
 - Unlike SAM 2.1: a box also enters as a dense mask prompt (`box_mask_prompt`), and tracked frames
   use the single-mask output (`multimask_output_for_tracking` {m.multimask_output_for_tracking}).
-- Files: `params/` (Orbax), `manifest.json` (config name), `training.json` (what trained it),
-  `eval_*.json|md|png` (every number below, from `medsam2_jax.evaluation`).
+- Files: `params/` (Orbax), `manifest.json` (config name{crop_manifest}), `training.json` (what trained it),
+  `eval_*.json|md|png` (every number below, from `medsam2_jax.evaluation`).{crop_model}
 
 ## Training data
 Installed offline by `scripts/install_data.sh` (shared/DATA.md); nothing is downloaded.
@@ -385,7 +403,7 @@ stage's weights:
 `medsam2_jax.evaluation` (what `medsam2-jax evaluate` runs): for each structure one box (its
 bounding box on the central slice of its axial extent for the AAL structures, on its largest slice
 for the nuclei), propagated forward and backward through the whole volume with the fifo policy,
-no post-processing; then again with the box plus the structure's true first and last slice
+no post-processing{crop_eval}; then again with the box plus the structure's true first and last slice
 (propagation stays inside). Baselines from the same prompt: the prompted slice's true mask copied
 to every slice, the same copy only inside the true slice range (told where the structure ends: the
 ceiling for stopping, not a baseline), and the box filled on every slice. NSD at 2 mm, HD95 in mm.
@@ -462,7 +480,7 @@ def main(argv=None) -> int:
         step, params = latest_params(workdir / STAGES[-1])
         if step is None:
             raise SystemExit(f"no checkpoint in {workdir / STAGES[-1]}: run the train stage first")
-        export(params, get_config("demo"), out, {"config": "configs/train.py:demo", "steps": {"demo": int(step)},
+        export(params, get_config(STAGES[-1]), out, {"config": f"configs/train.py:{STAGES[-1]}", "steps": {STAGES[-1]: int(step)},
                                                  "exported_from": str(workdir), "held_out": HELD_OUT})
         print(f"weights of step {step}: {out}")
     if args.stage in ("all", "evaluate"):

@@ -141,6 +141,36 @@ def test_z_range_keeps_propagation_inside(tmp_path, capsys, ckpt):
     assert not labels[:, :, :11].any() and not labels[:, :, 14:].any()
 
 
+def test_crop_defaults_to_the_checkpoints_manifest(tmp_path, capsys, ckpt):
+    """A checkpoint whose manifest says inference.crop = 3 is run in that window by default (the
+    sidecar records it; nothing is labelled outside); --crop 0 shows whole slices; --crop 0.5 is
+    one line, exit 2. Its config comes from the manifest too (no --config)."""
+    import shutil
+
+    windowed = tmp_path / "windowed"
+    shutil.copytree(ckpt, windowed)
+    manifest = json.loads((windowed / "manifest.json").read_text())
+    (windowed / "manifest.json").write_text(json.dumps({**manifest, "inference": {"crop": 3.0}}))
+    vol = datasets.nibabel_anatomical()  # 33 x 41 x 25
+    base = ["segment", str(vol), "--box", "8,10,14,16@12", "--checkpoint", str(windowed), "--no-montage"]
+    code, _, err = _run([*base, "--out", str(tmp_path / "w.nii.gz")], capsys)
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "w.json").read_text())
+    assert sidecar["crop"] == 3.0 and sidecar["config"] == "test"
+    labels = np.asarray(nib.load(tmp_path / "w.nii.gz").dataobj)
+    outside = np.ones(labels.shape, bool)
+    # The box is 7 x 7 voxels of 2 mm: the window 42 mm = 21 voxels, centred on the box (x 8..14 is
+    # canonical 18..24 of this LAS file, so the window's canonical 11..31 is file x 1..21).
+    outside[1:22, 3:24] = False
+    assert labels.any() and not labels[outside].any()
+    code, _, err = _run([*base, "--out", str(tmp_path / "f.nii.gz"), "--crop", "0"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "f.json").read_text())["crop"] is None
+    code, _, err = _run([*base, "--out", str(tmp_path / "bad.nii.gz"), "--crop", "0.5"], capsys)
+    assert code == 2 and "--crop 0.5" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
 def test_demo_runs_the_shipped_model_and_beats_copying_the_prompted_mask(tmp_path, capsys):
     """`medsam2-jax demo` with no arguments runs the shipped demo model (scripts/train_demo_model.py),
     whose target, the left thalamus, was held out of its training. It reports Dice, NSD, HD95 and

@@ -181,6 +181,28 @@ def test_slice_stride_takes_every_kth_slice_and_still_exits():
         assert masks[0].any() and not masks[-1].any()
 
 
+def test_crop_prob_centres_the_window_on_the_anchor_box():
+    """crop_prob=1: the clip is the square around the anchor's first-frame box, crop_factor x its
+    longer side (what `segment --crop` shows the model), image and labels on the same window;
+    crop_prob=0 leaves the whole slice."""
+    image = np.zeros((40, 64, 64), np.float32)
+    labels = np.zeros((40, 64, 64), np.int32)
+    labels[5:30, 20:28, 30:34] = 4  # 8 x 4 px on every slice
+    image[labels == 4] = 1.0
+    cfg = data.ClipConfig(clip_length=2, objects_per_clip=1, image_size=48, slice_axis=0).without_augmentation()
+    cropped = dataclasses.replace(cfg, crop_prob=1.0, crop_factor=(3.0, 3.0), crop_min_side=0.0)
+    for seed in range(4):
+        clip = data.sample_clip(image, labels, np.random.default_rng(seed), cropped)
+        rows, cols = np.nonzero(clip["masks"][0, 0])
+        # The window is 24 px a side -> 48 px: the box becomes 16 x 8 px, in the middle.
+        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (16, 8)
+        assert (rows.min() + rows.max() + 1) / 2 == pytest.approx(24, abs=1)
+        assert (cols.min() + cols.max() + 1) / 2 == pytest.approx(24, abs=1)
+        np.testing.assert_array_equal(clip["image"][0] > 0.5, clip["masks"][0, 0] == 1)
+    whole = data.sample_clip(image, labels, np.random.default_rng(0), cfg)["masks"][0, 0]
+    assert whole.sum() == 6 * 3  # 64 px -> 48 px: the box shrinks to 6 x 3
+
+
 def test_skip_mode_gives_up_when_nothing_reads(tmp_path):
     """Skip mode over a manifest whose every entry fails stops with a clear error instead of
     searching for a good record forever."""

@@ -44,12 +44,15 @@ class Options:
     tolerance_mm: float = 2.0  # NSD tolerance
     z_range: bool = True  # also run the box + true slice range protocol
     window: str | None = None  # CT window for every structure (else the structure's own, or none)
+    crop: float | None = None  # the model sees a window `crop` x the prompt's extent (segment_volume)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown prompt protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"box jitter {self.jitter} must be in [0, 1): a fraction of the box side")
+        if self.crop is not None and not self.crop >= 1.0:
+            raise ValueError(f"crop factor {self.crop} must be at least 1 (the window holds the prompt)")
         if self.tolerance_mm < 0:
             raise ValueError(f"NSD tolerance {self.tolerance_mm} mm must not be negative")
 
@@ -152,7 +155,8 @@ def evaluate_structure(structure: Structure, predictor, options: Options, rng: n
     z = prompts.prompts[0].slice_index
     window = options.window or structure.window
     t0 = time.perf_counter()
-    result = segment_volume(structure.volume, prompts, predictor, window=window, progress=progress)
+    result = segment_volume(structure.volume, prompts, predictor, window=window, crop=options.crop,
+                            progress=progress)
     seconds = time.perf_counter() - t0
     row = {"structure": structure.name, "source": structure.source, "label": structure.label,
            "axis": structure.axis, "prompt_slice": z, "prompt": entry, "seconds": round(seconds, 2),
@@ -162,7 +166,8 @@ def evaluate_structure(structure: Structure, predictor, options: Options, rng: n
     if options.z_range:
         present = np.flatnonzero(_slices_along(structure.target, structure.axis))
         ranged = with_slice_ranges(prompts, {1: (int(present[0]), int(present[-1]))})
-        ranged_result = segment_volume(structure.volume, ranged, predictor, window=window, progress=progress)
+        ranged_result = segment_volume(structure.volume, ranged, predictor, window=window, crop=options.crop,
+                                       progress=progress)
         row["model_z_range"] = score(ranged_result.labels == 1, structure, z, options.tolerance_mm)
     for name, mask in baselines(structure, z, entry).items():
         row[name] = score(mask, structure, z, options.tolerance_mm)

@@ -207,6 +207,12 @@ class ClipConfig:
     slice_flip_prob: float = 0.0  # reverse the slice order, so clips are tracked in both directions
     exit_prob: float = 0.0  # start near the anchor's last slice, so the clip runs past its end
     max_slice_stride: int = 1  # frames are every k-th slice, k drawn from 1..max_slice_stride per clip
+    # Prompt-centred windows (what `segment_volume(crop=...)` shows the model): with probability
+    # crop_prob the clip is the square window centred on the anchor's first-frame bounding box,
+    # a factor drawn from crop_factor times its longer side (at least crop_min_side pixels).
+    crop_prob: float = 0.0
+    crop_factor: tuple[float, float] = (2.5, 4.0)
+    crop_min_side: float = 32.0
 
     @classmethod
     def from_config(cls, data_config) -> "ClipConfig":
@@ -217,7 +223,10 @@ class ClipConfig:
                    scale_range=tuple(a.scale_range), translate_fraction=a.translate_fraction,
                    brightness=a.brightness, contrast=a.contrast, gamma=a.gamma,
                    slice_flip_prob=a.get("slice_flip_prob", 0.0), exit_prob=data_config.get("exit_prob", 0.0),
-                   max_slice_stride=data_config.get("max_slice_stride", 1))
+                   max_slice_stride=data_config.get("max_slice_stride", 1),
+                   crop_prob=data_config.get("crop_prob", 0.0),
+                   crop_factor=tuple(data_config.get("crop_factor", (2.5, 4.0))),
+                   crop_min_side=data_config.get("crop_min_side", 32.0))
 
     def without_augmentation(self) -> "ClipConfig":
         return dataclasses.replace(self, **NO_AUGMENTATION)
@@ -228,12 +237,17 @@ NO_AUGMENTATION = dict(hflip_prob=0.0, vflip_prob=0.0, rotate_degrees=0.0, scale
                        translate_fraction=0.0, brightness=0.0, contrast=0.0, gamma=0.0, slice_flip_prob=0.0)
 
 
-def _output_to_input(rng: np.random.Generator, in_shape: tuple[int, int], size: int, cfg: ClipConfig) -> np.ndarray:
+def _output_to_input(rng: np.random.Generator, in_shape: tuple[int, int], size: int, cfg: ClipConfig,
+                     window: tuple[float, float, float] | None = None) -> np.ndarray:
     """3x3 map from output pixel centres (row, col) to input coordinates: square resize, then
-    flips, rotation, scale and shift about the slice centre (drawn once per clip)."""
+    flips, rotation, scale and shift about the slice centre (drawn once per clip). `window`
+    (row, col, side): the square region around (row, col) takes the slice's place."""
     h, w = in_shape
     centre_out = np.array([size / 2.0, size / 2.0])
     centre_in = np.array([h / 2.0, w / 2.0])
+    if window is not None:
+        centre_in, h = np.array(window[:2]) + 0.5, window[2]  # pixel centres sit at index + 0.5
+        w = h
     flip = np.diag([-1.0 if rng.random() < cfg.vflip_prob else 1.0, -1.0 if rng.random() < cfg.hflip_prob else 1.0])
     angle = math.radians(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees))
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -336,7 +350,13 @@ def sample_clip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     in_first = np.intersect1d(np.unique(label_clip[0]), ids)
     others = in_first[in_first != anchor]
     chosen = [anchor] + list(rng.permutation(others)[: n - 1]) if n > 1 else [anchor]
-    m = _output_to_input(rng, label_clip.shape[1:], cfg.image_size, cfg)
+    window = None
+    if cfg.crop_prob > 0 and rng.random() < cfg.crop_prob:
+        rows, cols = np.nonzero(label_clip[0] == anchor)
+        if rows.size:  # (a clip of a too-short volume may start where the anchor is not)
+            side = max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) * rng.uniform(*cfg.crop_factor)
+            window = ((rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2, max(side, cfg.crop_min_side))
+    m = _output_to_input(rng, label_clip.shape[1:], cfg.image_size, cfg, window)
     warped_image = _jitter_intensity(rng, warp_bilinear(image_clip.astype(np.float32), m, cfg.image_size), cfg)
     warped_labels = warp_nearest(label_clip, m, cfg.image_size)
     object_ids = np.zeros((n,), np.int32)

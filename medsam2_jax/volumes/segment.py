@@ -37,16 +37,40 @@ class Segmentation:
 
 def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window: str | None = None,
                    level: float | None = None, width: float | None = None, largest_component: bool = False,
-                   progress: Callable[[int], None] | None = None) -> Segmentation:
+                   crop: float | None = None, progress: Callable[[int], None] | None = None) -> Segmentation:
     """Propagate every object of `prompts` through `volume` with a `VideoPredictor`.
 
     Objects with a slice range (`prompts.slice_ranges`) are segmented only inside it: the frames
     are the slices of the union of the ranges, and each object is empty outside its own.
+    `crop` (a factor, e.g. 3): the model sees only a square in-plane region around the prompts,
+    `crop` times their extent (`prompt_crop`), on every slice; everything outside is background.
     `progress(n)` is called with the number of slices just finished (for a progress bar).
     """
+    unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
+    region = None
+    if crop is not None:
+        region = prompt_crop(prompts, _in_plane_spacing(volume, prompts.axis), crop)
+        unit, prompts, full_prompts = region.slices(unit, prompts.axis), region.prompts(prompts), prompts
+    merged, scores = _track(unit, prompts, predictor, progress)
+    if region is not None:
+        merged, prompts = region.paste(merged, full_prompts.slice_shape, NO_OBJECT_LOGIT), full_prompts
+    object_ids = list(prompts.object_ids)
+    axis = prompts.axis
+    probabilities = expit(merged)  # (n, objects, h, w)
+    labels = _labels(merged, object_ids)
+    if largest_component:
+        labels = _largest_components(labels, object_ids)
+    # Frames are slices along `axis`: put the slice axis back in its canonical place.
+    labels = np.moveaxis(labels, 0, axis)
+    probabilities = np.moveaxis(np.moveaxis(probabilities, 1, 0), 1, axis + 1)
+    return Segmentation(labels.astype(np.int32), probabilities.astype(np.float32), object_ids, scores)
+
+
+def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress) -> tuple[np.ndarray, dict]:
+    """(slices, objects, h, w) logits over the whole volume (the tracker's "no object" logit
+    outside each object's range) and the per-slice object scores."""
     axis = prompts.axis
     lo, hi = prompts.tracked_range()
-    unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
     if (lo, hi) != (0, prompts.num_slices - 1):  # intensities from the whole volume, frames from the range
         unit = np.take(unit, np.arange(lo, hi + 1), axis=axis)
     # Slices reach the model resolution a chunk at a time, as tracking asks for them.
@@ -83,16 +107,90 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     for j, obj in enumerate(object_ids):
         first, last = prompts.slice_range(obj)
         full[:first, j] = full[last + 1 :, j] = NO_OBJECT_LOGIT
-    merged = full
-    scores = _slice_scores(predictor, state, object_ids, lo, prompts)
-    probabilities = expit(merged)  # (n, objects, h, w)
-    labels = _labels(merged, object_ids)
-    if largest_component:
-        labels = _largest_components(labels, object_ids)
-    # Frames are slices along `axis`: put the slice axis back in its canonical place.
-    labels = np.moveaxis(labels, 0, axis)
-    probabilities = np.moveaxis(np.moveaxis(probabilities, 1, 0), 1, axis + 1)
-    return Segmentation(labels.astype(np.int32), probabilities.astype(np.float32), object_ids, scores)
+    return full, _slice_scores(predictor, state, object_ids, lo, prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    """An in-plane window of every slice: rows `row : row + height`, columns `col : col + width`
+    of the slice grid. It may reach past the slice's edges; those pixels read as 0 (the unit
+    range's background)."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+
+    def slices(self, unit: np.ndarray, axis: int) -> np.ndarray:
+        """The window of every slice of a (X, Y, Z) volume, zero where it leaves the volume."""
+        frames = np.moveaxis(unit, axis, 0)
+        out = np.zeros((frames.shape[0], self.height, self.width), frames.dtype)
+        (src_r, dst_r), (src_c, dst_c) = self._overlap(frames.shape[1:])
+        out[:, dst_r, dst_c] = frames[:, src_r, src_c]
+        return np.moveaxis(out, 0, axis)
+
+    def prompts(self, prompts: VolumePrompts) -> VolumePrompts:
+        """`prompts` in the window's coordinates."""
+        shift = np.array([self.col, self.row], np.float32)
+        moved = []
+        for p in prompts.prompts:
+            mask = None
+            if p.mask is not None:
+                mask = np.zeros((self.height, self.width), bool)
+                (src_r, dst_r), (src_c, dst_c) = self._overlap(p.mask.shape)
+                mask[dst_r, dst_c] = p.mask[src_r, src_c]
+            moved.append(dataclasses.replace(
+                p, points=None if p.points is None else p.points - shift,
+                box=None if p.box is None else p.box - np.tile(shift, 2), mask=mask))
+        return dataclasses.replace(prompts, slice_shape=(self.height, self.width), prompts=tuple(moved))
+
+    def paste(self, values: np.ndarray, slice_shape: tuple[int, int], fill: float) -> np.ndarray:
+        """(..., height, width) window values -> (..., H, W) slices, `fill` outside the window."""
+        out = np.full(values.shape[:-2] + tuple(slice_shape), fill, values.dtype)
+        (src_r, dst_r), (src_c, dst_c) = self._overlap(slice_shape)
+        out[..., src_r, src_c] = values[..., dst_r, dst_c]
+        return out
+
+    def _overlap(self, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """Per in-plane axis, (slice of the slice grid, slice of the window) that coincide."""
+        pairs = []
+        for start, size, n in ((self.row, self.height, shape[0]), (self.col, self.width, shape[1])):
+            a, b = max(start, 0), min(start + size, n)
+            pairs.append((slice(a, b), slice(a - start, b - start)))
+        return tuple(pairs)
+
+
+MIN_CROP_MM = 32.0  # the smallest window side: small prompts still get some context
+
+
+def prompt_crop(prompts: VolumePrompts, spacing: tuple[float, float], factor: float,
+                min_mm: float = MIN_CROP_MM) -> Crop:
+    """A square window (in mm) centred on the extent of all prompts (boxes, points, mask pixels),
+    `factor` times its longer side and at least `min_mm`; `spacing` is (row, column) mm."""
+    if not factor >= 1.0:
+        raise ValueError(f"crop factor {factor} must be at least 1 (the window holds the prompts)")
+    xy = []
+    for p in prompts.prompts:
+        if p.box is not None:
+            xy.append(p.box.reshape(2, 2))
+        if p.points is not None:
+            xy.append(p.points[p.point_labels == 1] if (p.point_labels == 1).any() else p.points)
+        if p.mask is not None:
+            rows, cols = np.nonzero(p.mask)
+            xy.append(np.array([[cols.min(), rows.min()], [cols.max(), rows.max()]], np.float32))
+    xy = np.concatenate(xy).astype(np.float64)
+    (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
+    row_mm, col_mm = spacing
+    side_mm = max(factor * max((y1 - y0 + 1) * row_mm, (x1 - x0 + 1) * col_mm), min_mm)
+    height, width = int(np.ceil(side_mm / row_mm)), int(np.ceil(side_mm / col_mm))
+    row = int(np.floor((y0 + y1) / 2 - (height - 1) / 2))
+    col = int(np.floor((x0 + x1) / 2 - (width - 1) / 2))
+    return Crop(row, col, height, width)
+
+
+def _in_plane_spacing(volume: Volume, axis: int) -> tuple[float, float]:
+    row_axis, col_axis = (a for a in range(3) if a != axis)
+    return float(volume.spacing[row_axis]), float(volume.spacing[col_axis])
 
 
 FUSIONS = ("mean", "vote")

@@ -20,6 +20,7 @@ class ShippedWeights:
     name: str
     config: str
     path: Path
+    inference: dict = dataclasses.field(default_factory=dict)  # the manifest's run settings, e.g. {"crop": 3.0}
 
 
 def default_checkpoint() -> ShippedWeights | None:
@@ -28,4 +29,5 @@ def default_checkpoint() -> ShippedWeights | None:
     manifest = folder / "manifest.json"
     if not (folder / "params").is_dir() or not manifest.is_file():
         return None
-    return ShippedWeights(DEFAULT, json.loads(manifest.read_text())["config"], folder)
+    info = json.loads(manifest.read_text())
+    return ShippedWeights(DEFAULT, info["config"], folder, dict(info.get("inference", {})))
