@@ -76,7 +76,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; expected a .pt or .safetensors file")
-    if path.suffix == ".safetensors":
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    kind = _checkpoint_format(head)
+    if kind is None:
+        raise CheckpointError(
+            f"cannot read {path}: it holds {_describe(head)}, not a PyTorch checkpoint (a zip or pickle, as "
+            "torch.save writes) nor safetensors; expected an official SAM 2 / MedSAM2 .pt or .safetensors file"
+        )
+    if kind == "safetensors":
         try:
             from safetensors.numpy import load_file
 
@@ -104,6 +115,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def _checkpoint_format(head: bytes) -> str | None:
+    """'torch' or 'safetensors' by a file's first bytes (not its name), or None for neither."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save: a zip, or a pickle before 1.6
+        return "torch"
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return "safetensors"
+    return None
+
+
+def _describe(head: bytes) -> str:
+    """What a file that is no checkpoint holds, in a few words: its first bytes as text or hex."""
+    if not head:
+        return "nothing (0 bytes)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not all(c.isprintable() or c.isspace() for c in text):
+        return f"binary data starting {head[:8].hex(' ')}"
+    words = " ".join(text.split())
+    return f"text ({words[:40] + ('...' if len(words) > 40 else '')!r})"
 
 
 def _one_line(e: Exception) -> str:

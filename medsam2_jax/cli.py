@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 EXIT_USER_ERROR = 2
+TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")  # what `convert --to-torch` writes
 
 
 class UserError(Exception):
@@ -48,6 +50,8 @@ def cmd_convert(args) -> int:
     config = _config(args.config)
     src, dst = Path(args.input), Path(args.output)
     if args.to_torch:
+        if dst.suffix not in TORCH_SUFFIXES:
+            raise UserError(f"{dst}: --to-torch writes a PyTorch file; give it a .pt, .pth or .safetensors name")
         if dst.exists() and not args.overwrite:
             raise UserError(f"{dst} exists; pass --overwrite to replace it")
         params = load_params(src, config)
@@ -155,6 +159,17 @@ def _prompts(args, volume):
     return P.build_prompts(volume, objects, space=args.space, axis=axis)
 
 
+def _given_prompts(args) -> dict:
+    """The prompts as the user gave them, for the sidecar next to their canonical form."""
+    if args.prompts:
+        return {"prompts": args.prompts, "content": json.loads(Path(args.prompts).read_text())}
+    if args.seed:
+        return {"seed": args.seed, "seed_prompt": args.seed_prompt, "axis": args.axis or "axial"}
+    typed = {"box": args.box, "point": args.point, "neg_point": args.neg_point, "z_range": args.z_range,
+             "axis": args.axis}
+    return {"space": args.space, **{option: text for option, text in typed.items() if text}}
+
+
 def _parse_z_range(text: str) -> list[float]:
     """'Z0:Z1' -> [Z0, Z1] (the first and last slice, in the prompts' Z)."""
     try:
@@ -219,15 +234,18 @@ def params_sha256(params) -> str:
     return h.hexdigest()
 
 
-def _write_outputs(volume, prompts, result, out: Path, model: Model, args):
+def _write_outputs(volume, prompts, result, out: Path, model: Model, args, given: dict | None = None):
+    """given: the prompts as the user typed them (the sidecar keeps them beside the canonical form)."""
     from medsam2_jax.volumes.montage import write_montage
     from medsam2_jax.volumes.output import write_segmentation
 
+    extra = {"checkpoint": model.checkpoint, "memory_policy": args.policy, "crop": _crop(args, model)}
+    if given is not None:
+        extra["given"] = given
     paths = write_segmentation(volume, result.labels, out, prompts=prompts, config_name=model.config.name,
                                checkpoint_hash=params_sha256(model.params), slice_object_scores=result.slice_scores,
                                probabilities=np.moveaxis(result.probabilities, 0, -1) if args.probabilities else None,
-                               extra={"checkpoint": model.checkpoint, "memory_policy": args.policy,
-                                      "crop": _crop(args, model)})
+                               extra=extra)
     if not args.no_montage:
         paths["montage"] = write_montage(volume, result.labels, _montage_path(out), prompts=prompts,
                                          title=f"{Path(volume.source_path).name}: {model.config.name}, {model.checkpoint}")
@@ -272,9 +290,11 @@ def cmd_segment(args) -> int:
     check_output_folder(out)  # before the slow part: an unwritable folder fails at once
     volume = load_volume(args.input)
     prompts = _prompts(args, volume)
+    for note in prompts.notes:
+        print(f"warning: {note}", file=sys.stderr)
     model = _model(args)
     result = _run_segmentation(volume, prompts, model, args)
-    paths = _write_outputs(volume, prompts, result, out, model, args)
+    paths = _write_outputs(volume, prompts, result, out, model, args, given=_given_prompts(args))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -290,6 +310,19 @@ def _parse_xy(text: str, what: str, n: int) -> list[float]:
         raise UserError(f"cannot read {what} {text!r}; expected {'X0,Y0,X1,Y1' if n == 4 else 'X,Y'}") from None
 
 
+def _mask_paths(out_dir: Path, images: list[str]) -> list[Path]:
+    """One mask PNG per image, named after it; two images that would write one file are refused
+    (the second mask would silently replace the first)."""
+    sources: dict[Path, str] = {}
+    for src in images:
+        target = out_dir / (Path(src).name.split(".")[0] + "_mask.png")
+        if target in sources:
+            raise UserError(f"{sources[target]} and {src} would both write {target}; "
+                            "give the images distinct names or segment them in separate runs")
+        sources[target] = src
+    return list(sources)
+
+
 def cmd_segment_2d(args) -> int:
     """One-Prompt 2D: the template's prompt segments every other image from memory alone."""
     from PIL import Image
@@ -303,6 +336,7 @@ def cmd_segment_2d(args) -> int:
     if not out_dir.is_dir():
         raise UserError(f"the output folder {out_dir} does not exist; create it first")
     check_output_folder(out_dir / "probe.png")
+    targets = _mask_paths(out_dir, args.images)
     template = load_image_2d(args.template)
     images = [load_image_2d(p) for p in args.images]
     h, w = template.shape[:2]
@@ -331,8 +365,7 @@ def cmd_segment_2d(args) -> int:
     model = _model(args)
     masks = segment_one_prompt(images, template, prompt, params=model.params, config=model.config,
                                tracker_config=get_tracker_config(memory_policy=args.policy))
-    for src, mask in zip(args.images, masks):
-        target = out_dir / (Path(src).name.split(".")[0] + "_mask.png")
+    for src, target, mask in zip(args.images, targets, masks):
         with atomic_path(target) as tmp:
             Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
         print(f"{src}: {int(mask.sum())} px -> {target}")
@@ -439,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the weights that ship with the package")
         q.add_argument("--config", default=None, help="model variant (default: the one in the checkpoint's manifest.json; medsam2 without one)")
         q.add_argument("--policy", default="fifo", help="memory policy (default: fifo, SAM 2's)")
+
+    def volume_options(q):  # a 3D volume's window, propagation and outputs: segment and demo
         q.add_argument("--window", help="CT window by name: abdomen, lung, bone, brain, soft_tissue")
         q.add_argument("--level", type=float, help="CT window level in HU (with --width)")
         q.add_argument("--width", type=float, help="CT window width in HU (with --level)")
@@ -471,12 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", help="a seed label volume: every label value is an object")
     q.add_argument("--seed-prompt", choices=("box", "mask"), default="box",
                    help="prompt seed objects on their largest slice with a box or their mask")
-    q.add_argument("--space", choices=("voxel", "canonical", "world", "world_lps"), default="voxel")
+    q.add_argument("--space", choices=("voxel", "canonical", "world", "world_lps"), default="voxel",
+                   help="what the numbers of --box/--point/--z-range are: voxel, the file's voxel indices (default); "
+                   "canonical, voxel indices in RAS+ order; world, millimetres RAS+ (NIfTI's frame); world_lps, "
+                   "millimetres LPS+ (a DICOM viewer's). A negative number needs the = form, --box=-23,40,10,60@12 "
+                   "(argparse reads a leading '-' as an option)")
     q.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slice axis (default: the file's third axis)")
     q.add_argument("--z-range", metavar="Z0:Z1",
                    help="the structure's first and last slice (in the prompts' Z): propagation stays inside, "
                    "nothing is segmented beyond (a box plus a slice range, as 3D Slicer's MedSAM plugins ask)")
     model_options(q)
+    volume_options(q)
     crop_option(q)
     q.set_defaults(func=cmd_segment)
 
@@ -503,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "one box on the left thalamus, forward and backward propagation, label NIfTI, montage, report.")
     d.add_argument("--out-dir", default="medsam2_demo", help="where to write the outputs (default: ./medsam2_demo)")
     model_options(d)
+    volume_options(d)
     crop_option(d)
     d.set_defaults(func=cmd_demo)
 

@@ -191,3 +191,34 @@ def test_plain_and_ddp_state_dicts(tmp_path):
         torch.save(obj, tmp_path / name)
         converted, _ = torch_to_params(read_state_dict(tmp_path / name), config)
         assert set(flatten_params(converted)) == set(flatten_params(params))
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "nothing (0 bytes)"),
+    (b"some text bytes\n", "text ('some text bytes')"),
+    (bytes(range(8)) * 4, "binary data starting 00 01 02 03 04 05 06 07"),
+])
+def test_not_a_checkpoint_says_what_it_holds(tmp_path, capsys, content, what):
+    (tmp_path / "bad").mkdir()
+    fake = tmp_path / "bad" / "fake.pt"
+    fake.write_bytes(content)
+    code, err = _run_cli(["convert", str(fake), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{fake}: it holds {what}, not a PyTorch checkpoint" in err and "nor safetensors" in err
+
+
+def test_a_safetensors_file_named_pt_loads(tmp_path):
+    """The format is read from the file's first bytes, not its name."""
+    from safetensors.numpy import save_file
+
+    save_file({"a.weight": np.ones((2, 3), np.float32)}, str(tmp_path / "st.pt"))
+    state = read_state_dict(tmp_path / "st.pt")
+    assert list(state) == ["a.weight"] and np.array_equal(state["a.weight"], np.ones((2, 3)))
+
+
+def test_to_torch_writes_only_torch_names(tmp_path, capsys):
+    """Checked before anything is read: the checkpoint folder need not exist."""
+    for name in ("out.txt", "out.npz", "out"):
+        code, err = _run_cli(["convert", str(tmp_path / "ours"), str(tmp_path / name), "--to-torch"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and ".pt, .pth or .safetensors" in err, err
+        assert not (tmp_path / name).exists()

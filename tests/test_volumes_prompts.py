@@ -178,3 +178,30 @@ def test_bad_prompt_files(tmp_path, itk_t1, content, message):
 def test_missing_prompt_file(tmp_path, itk_t1):
     with pytest.raises(PromptError, match="cannot read"):
         prompts.load_prompt_file(tmp_path / "absent.json", itk_t1)
+
+
+# Tidied on the way in: done, and said in `notes` ---------------------------------------------
+
+def test_a_box_given_high_corner_first_is_sorted_and_noted(itk_t1):
+    ordered = prompts.build_prompts(itk_t1, [{"id": 1, "boxes": [[[20, 10, 40], [90, 50, 40]]]}], axis="coronal")
+    flipped = prompts.build_prompts(itk_t1, [{"id": 1, "boxes": [[[90, 50, 40], [20, 10, 40]]]}], axis="coronal")
+    x_only = prompts.build_prompts(itk_t1, [{"id": 1, "boxes": [[[90, 10, 40], [20, 50, 40]]]}], axis="coronal")
+    assert ordered.notes == ()
+    np.testing.assert_array_equal(only_prompt(flipped).box, only_prompt(ordered).box)
+    assert flipped.notes == ("object 1: box corners given as X1<X0 and Y1<Y0; sorted",)
+    assert x_only.notes == ("object 1: box corners given as X1<X0; sorted",)
+    assert flipped.to_json()["notes"] == list(flipped.notes) and "notes" not in ordered.to_json()
+
+
+def test_a_fractional_slice_is_rounded_in_the_users_numbering(itk_t1):
+    """File x of this LSA volume runs right to left over 128 voxels (canonical 127 - x): slice
+    40.5 rounded as given is 40 (canonical 87); rounded after the flip it would be canonical 86.5
+    -> 86, file 41, not what the note says."""
+    point = prompts.build_prompts(itk_t1, [{"id": 1, "points": [[40.5, 30, 50]]}], axis="sagittal")
+    assert only_prompt(point).slice_index == 127 - 40
+    assert point.notes == ("object 1: point slice 40.5 rounded to 40",)
+    box = prompts.build_prompts(itk_t1, [{"id": 2, "boxes": [[[20, 10, 40.5], [90, 50, 40.5]]]}], axis="coronal")
+    assert only_prompt(box).slice_index == 40 and box.notes == ("object 2: box slice 40.5 rounded to 40",)
+    # Millimetres fall between slices as a matter of course: rounded to the nearest, unremarked.
+    world = nib.affines.apply_affine(itk_t1.original_affine, [[40.2, 30, 50]])
+    assert prompts.build_prompts(itk_t1, [{"id": 1, "points": world.tolist()}], space="world").notes == ()

@@ -36,7 +36,8 @@ JSON prompt file (version 1), for many objects at once:
 
 Every object needs at least one point or box. Points and a box of one object on the same slice
 form one prompt (SAM takes them together). Anything unusable is a `PromptError` with a one-line
-message.
+message. What is usable but was tidied on the way in (box corners given high before low, a
+fractional slice number in voxel or canonical space) is done and said in `VolumePrompts.notes`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class VolumePrompts:
     object_names: Mapping[int, str] = dataclasses.field(default_factory=dict)
     # Per object, the first and last slice (inclusive) it may occupy: propagation stays inside.
     slice_ranges: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # What was tidied on the way in, one line each (corners sorted, slices rounded): the user was
+    # understood, but not to the letter, and should be told.
+    notes: tuple[str, ...] = ()
 
     @property
     def object_ids(self) -> tuple[int, ...]:
@@ -110,6 +114,8 @@ class VolumePrompts:
         }
         if self.slice_ranges:
             out["slice_ranges"] = {str(k): list(v) for k, v in self.slice_ranges.items()}
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 
@@ -149,16 +155,16 @@ def build_prompts(volume: Volume, objects: Sequence[Mapping], *, space: str = "v
     axis = canonical_axis(axis)
     if not objects:
         raise PromptError("no objects to segment; give at least one point or box")
-    slice_prompts, names, ranges = [], {}, {}
+    slice_prompts, names, ranges, notes = [], {}, {}, []
     for entry in objects:
         object_id = _object_id(entry)
         if object_id in names:
             raise PromptError(f"object id {object_id} is given twice; merge its prompts into one entry")
         names[object_id] = str(entry.get("name", f"object {object_id}"))
-        slice_prompts += _object_slice_prompts(volume, entry, object_id, space, axis)
+        slice_prompts += _object_slice_prompts(volume, entry, object_id, space, axis, notes=notes)
         if entry.get("z_range") is not None:
             ranges[object_id] = _z_range(volume, entry, object_id, space, axis)
-    prompts = make_volume_prompts(volume, slice_prompts, axis, names)
+    prompts = dataclasses.replace(make_volume_prompts(volume, slice_prompts, axis, names), notes=tuple(notes))
     return with_slice_ranges(prompts, ranges) if ranges else prompts
 
 
@@ -266,22 +272,27 @@ def to_model_frame(prompts: VolumePrompts, image_size: int) -> VolumePrompts:
     return dataclasses.replace(prompts, slice_shape=(image_size, image_size), prompts=tuple(scaled))
 
 
-def _object_slice_prompts(volume: Volume, entry: Mapping, object_id: int, space: str, axis: int) -> list[SlicePrompt]:
+def _object_slice_prompts(volume: Volume, entry: Mapping, object_id: int, space: str, axis: int, *,
+                          notes: list[str]) -> list[SlicePrompt]:
     points, boxes = entry.get("points") or [], entry.get("boxes") or []
     if not points and not boxes:
         raise PromptError(f"object {object_id} has no points and no boxes; give at least one")
-    prompts = _point_prompts(volume, object_id, points, entry.get("point_labels"), space, axis) if points else []
+    prompts = []
+    if points:
+        prompts += _point_prompts(volume, object_id, points, entry.get("point_labels"), space, axis, notes=notes)
     for box in boxes:
-        prompts.append(_box_prompt(volume, object_id, box, space, axis))
+        prompts.append(_box_prompt(volume, object_id, box, space, axis, notes=notes))
     return prompts
 
 
-def _point_prompts(volume: Volume, object_id: int, points, labels, space: str, axis: int) -> list[SlicePrompt]:
+def _point_prompts(volume: Volume, object_id: int, points, labels, space: str, axis: int, *,
+                   notes: list[str]) -> list[SlicePrompt]:
     points = _as_coordinates(points, (-1, 3), f"object {object_id} points")
     labels = np.ones(len(points), np.int32) if labels is None else np.asarray(labels, np.int32)
     if labels.shape != (len(points),) or not np.isin(labels, (0, 1)).all():
         raise PromptError(f"object {object_id}: point_labels must be one 0 or 1 per point")
-    canonical = to_canonical_voxels(volume, points, space)
+    whole = _on_whole_slices(volume, points, space, axis, f"object {object_id}: point", notes)
+    canonical = to_canonical_voxels(volume, whole, space)
     _check_inside(volume, canonical, points, space, f"object {object_id}: point")
     slices = np.rint(canonical[:, axis]).astype(int)
     in_plane = _in_plane_xy(canonical, axis)
@@ -291,9 +302,16 @@ def _point_prompts(volume: Volume, object_id: int, points, labels, space: str, a
     ]
 
 
-def _box_prompt(volume: Volume, object_id: int, box, space: str, axis: int) -> SlicePrompt:
+def _box_prompt(volume: Volume, object_id: int, box, space: str, axis: int, *, notes: list[str]) -> SlicePrompt:
     corners = _as_coordinates(box, (2, 3), f"object {object_id} box")
-    canonical = to_canonical_voxels(volume, corners, space)
+    along = _slice_coordinate(volume, space, axis)
+    # Two opposite corners in any order make a box; X0,Y0,X1,Y1 promises low before high, so a
+    # box given the other way round is sorted below and said to be.
+    high_first = [name for c, name in enumerate("XYZ") if c != along and corners[1, c] < corners[0, c]]
+    if high_first:
+        notes.append(f"object {object_id}: box corners given as {' and '.join(f'{n}1<{n}0' for n in high_first)}; sorted")
+    whole = _on_whole_slices(volume, corners, space, axis, f"object {object_id}: box", notes)
+    canonical = to_canonical_voxels(volume, whole, space)
     _check_inside(volume, canonical, corners, space, f"object {object_id}: box corner")
     first, second = canonical[:, axis]
     if abs(first - second) > 1.0:  # one slice of rounding slack for world coordinates
@@ -303,6 +321,32 @@ def _box_prompt(volume: Volume, object_id: int, box, space: str, axis: int) -> S
         )
     (x0, y0), (x1, y1) = np.sort(_in_plane_xy(canonical, axis), axis=0)
     return SlicePrompt(object_id, int(np.rint((first + second) / 2)), box=np.array([x0, y0, x1, y1], np.float32))
+
+
+def _slice_coordinate(volume: Volume, space: str, axis: int) -> int:
+    """Which of the user's (x, y, z) runs along the canonical slice `axis` (in world space, the
+    one it runs most along)."""
+    if space == "canonical":
+        return axis
+    if space == "voxel":
+        return next(f for f in range(3) if canonical_axis_of_file_axis(volume, f) == axis)
+    return int(np.argmax(np.abs(np.asarray(volume.affine)[:3, axis])))
+
+
+def _on_whole_slices(volume: Volume, coords: np.ndarray, space: str, axis: int, what: str,
+                     notes: list[str]) -> np.ndarray:
+    """Voxel and canonical coordinates name slices by number: a fractional one is rounded in the
+    user's own numbering (78.5 -> 78 whichever way the file's axis runs) and said to be. World
+    coordinates are millimetres, which fall between slices as a matter of course."""
+    if space not in ("voxel", "canonical"):
+        return coords
+    along = _slice_coordinate(volume, space, axis)
+    whole = coords.copy()
+    whole[:, along] = np.rint(coords[:, along])
+    for given, rounded in dict.fromkeys(zip(coords[:, along].tolist(), whole[:, along].tolist())):
+        if given != rounded:
+            notes.append(f"{what} slice {given:g} rounded to {rounded:g}")
+    return whole
 
 
 def _seed_prompt(object_frames: np.ndarray, object_id: int, prompt_with: str) -> SlicePrompt:

@@ -1,0 +1,107 @@
+"""Every entry point as a user meets it: options a command does not use are refused, outputs never
+overwrite each other, what the command tidied in the user's input is said, and help says how."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsam2_jax import cli, datasets
+
+
+@pytest.fixture
+def no_model_run(monkeypatch):
+    """`segment` up to and after the model, which draws nothing: what goes in and what is written
+    are tested here, the segmentation itself in test_cli_segment.py."""
+    from medsam2_jax import weights
+    from medsam2_jax.volumes.segment import Segmentation
+
+    def empty(volume, prompts, model, args):
+        objects = list(prompts.object_ids)
+        return Segmentation(np.zeros(volume.shape, np.int32), np.zeros((len(objects), *volume.shape), np.float32),
+                            objects, {})
+
+    monkeypatch.setattr(cli, "_run_segmentation", empty)
+    monkeypatch.setattr(weights, "default_checkpoint", lambda: None)  # random `test` weights, no files
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+@pytest.mark.parametrize("option", [
+    ("--window", "brain"), ("--level", "40"), ("--width", "400"), ("--multi-orientation",), ("--fusion", "vote"),
+    ("--probabilities",), ("--largest-component",), ("--no-montage",),
+])
+def test_segment_2d_refuses_the_3d_options(tmp_path, capsys, option):
+    """segment-2d has no window, no third axis and no montage: their options are refused, not ignored."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["segment-2d", "t.png", "a.png", "--box", "1,1,5,5", "--out-dir", str(tmp_path), *option])
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {' '.join(option)}" in capsys.readouterr().err
+
+
+def test_segment_2d_refuses_two_images_with_one_mask_name(tmp_path, capsys, monkeypatch):
+    """dir1/x.png and dir2/x.png would both write x_mask.png: one line, exit 2, before any image is read."""
+    from medsam2_jax.volumes import io
+
+    def no_read(*_, **__):
+        raise AssertionError("an image was read before the mask names were checked")
+
+    monkeypatch.setattr(io, "load_image_2d", no_read)
+    out = tmp_path / "masks"
+    out.mkdir()
+    for first, second in (("dir1/x.png", "dir2/x.png"), ("a.v1.png", "a.v2.tif")):
+        code, _, err = _run(["segment-2d", "t.png", "y.png", first, second, "--box", "1,1,5,5",
+                             "--out-dir", str(out), "--config", "test"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("medsam2-jax segment-2d: error:"), err
+        assert f"{first} and {second} would both write" in err and "_mask.png" in err
+        assert not any(out.iterdir())
+
+
+def test_an_inverted_box_on_a_fractional_slice_is_sorted_rounded_and_said(tmp_path, capsys, no_model_run):
+    """--box X1,Y1,X0,Y0@12.5 segments the box 8,10,24,30 on slice 12; each tidying is a one-line
+    warning and a note in the sidecar, which also keeps the box as typed."""
+    vol = datasets.nibabel_anatomical()  # 33 x 41 x 25
+    typed = "24,30,8,10@12.5"
+    code, _, err = _run(["segment", str(vol), "--out", str(tmp_path / "s.nii.gz"), f"--box={typed}",
+                         "--z-range", "11:13", "--config", "test", "--no-montage"], capsys)
+    assert code == 0, err
+    notes = ["object 1: box corners given as X1<X0 and Y1<Y0; sorted", "object 1: box slice 12.5 rounded to 12"]
+    assert [line for line in err.splitlines() if line.startswith("warning: object")] == [f"warning: {n}" for n in notes]
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    assert sidecar["prompts"]["notes"] == notes
+    assert sidecar["given"] == {"space": "voxel", "box": [typed], "z_range": "11:13"}
+    from medsam2_jax.volumes.io import load_volume
+    from medsam2_jax.volumes.prompts import build_prompts, canonical_axis_of_file_axis
+
+    volume = load_volume(vol)
+    as_meant = build_prompts(volume, [{"id": 1, "boxes": [[[8, 10, 12], [24, 30, 12]]]}],
+                             axis=canonical_axis_of_file_axis(volume, 2))
+    assert sidecar["prompts"]["prompts"] == as_meant.to_json()["prompts"]
+
+
+def test_a_prompt_file_is_kept_as_given(tmp_path, capsys, no_model_run):
+    vol = datasets.nibabel_anatomical()
+    content = {"version": 1, "objects": [{"id": 4, "boxes": [[[8, 10, 12], [24, 30, 12]]], "z_range": [12, 13]}]}
+    (tmp_path / "p.json").write_text(json.dumps(content))
+    code, _, err = _run(["segment", str(vol), "--out", str(tmp_path / "s.nii.gz"), "--prompts",
+                         str(tmp_path / "p.json"), "--config", "test", "--no-montage"], capsys)
+    assert code == 0 and "warning: object" not in err, err
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    assert sidecar["given"] == {"prompts": str(tmp_path / "p.json"), "content": content}
+    assert "notes" not in sidecar["prompts"]
+
+
+def test_space_help_says_what_each_space_is_and_how_to_give_negative_numbers(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "voxel, the file's voxel indices (default)" in text and "world_lps, millimetres LPS+" in text
+    assert "--box=-23,40,10,60@12" in text
+    args = cli.build_parser().parse_args(["segment", "v.nii.gz", "--out", "s.nii.gz", "--box=-23,40,10,60@12"])
+    assert args.box == ["-23,40,10,60@12"]
