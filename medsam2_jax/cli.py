@@ -5,7 +5,7 @@
     medsam2-jax segment-2d TEMPLATE.png IMG1.png IMG2.tif ... --box 10,20,60,80 --out-dir masks/
     medsam2-jax convert IN.pt OUT_DIR --config sam2.1_tiny        official checkpoint -> ours
     medsam2-jax convert OUT_DIR OUT.pt --config sam2.1_tiny --to-torch
-    medsam2-jax train --config configs/train.py:test --workdir runs/x [--config.num_steps=100]
+    medsam2-jax train --config demo --workdir runs/x --config.data.manifest=train.jsonl [--config.num_steps=100]
 
 User errors print one line on stderr and exit with status 2 (no traceback).
 """

@@ -1,10 +1,13 @@
-"""`medsam2-jax train --config configs/train.py:VARIANT --workdir DIR [--config.FIELD=VALUE ...]`.
+"""`medsam2-jax train --config VARIANT --workdir DIR --config.data.manifest=FILE.jsonl [--config.FIELD=VALUE ...]`.
 
-`main(argv)` parses and runs; `add_train_parser(subparsers)` registers the same arguments on a
-parent CLI (its handler calls `run(args, overrides)`). Overrides use ml_collections paths
-(`--config.num_steps=100`, `--config.data.manifest=m.jsonl`, `--config.freeze='("^image_encoder\\.",)'`);
-values are Python literals, anything else is taken as a string. Pointing at an existing work
-dir resumes it.
+--config names a variant of the packaged training configs (`configs/train.py`, installed as
+`medsam2_jax.configs.train`): `demo`, `medsam2_jax.configs.train:demo` (any module with a
+`get_config`), or a file, `configs/train.py:demo`. `main(argv)` parses and runs;
+`add_train_parser(subparsers)` registers the same arguments on a parent CLI (its handler calls
+`run(args, overrides)`). Overrides use ml_collections paths (`--config.num_steps=100`,
+`--config.data.manifest=m.jsonl`, `--config.freeze='("^image_encoder\\.",)'`); values are Python
+literals, anything else is taken as a string. Pointing at an existing work dir resumes it. A
+config or data problem is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,21 +20,35 @@ import sys
 from pathlib import Path
 
 HELP = "train or fine-tune on a manifest of volumes (resumes when WORKDIR holds checkpoints)"
+PACKAGED = "medsam2_jax.configs.train"  # configs/train.py, installed with the package
+
+
+class ConfigError(ValueError):
+    """A --config spec, override or config value that cannot train: one line, exit status 2."""
 
 
 def load_config(spec: str):
-    """'configs/train.py:test', 'train.py', or a bare variant name ('test') -> ConfigDict."""
-    path, _, variant = spec.partition(":")
-    if not path.endswith(".py"):
-        from medsam2_jax.configs.train import get_config
-
-        return get_config(spec)
-    if not Path(path).is_file():
-        raise SystemExit(f"--config: no such file {path}")
-    module_spec = importlib.util.spec_from_file_location("_train_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    """'demo' (a packaged variant), 'medsam2_jax.configs.train:demo' (a module's get_config) or
+    'configs/train.py:demo' (a file's; 'train.py' alone for its default) -> ConfigDict."""
+    source, colon, variant = spec.partition(":")
+    if source.endswith(".py"):
+        if not Path(source).is_file():
+            raise ConfigError(f"--config: no such file {source}; the packaged configs need no path: "
+                              f"--config {variant or 'VARIANT'} (or {PACKAGED}:{variant or 'VARIANT'})")
+        module_spec = importlib.util.spec_from_file_location("_train_config", source)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    elif colon:
+        try:
+            module = importlib.import_module(source)
+        except ModuleNotFoundError:
+            raise ConfigError(f"--config: no module {source}; the packaged configs are {PACKAGED}:VARIANT") from None
+    else:
+        module, variant = importlib.import_module(PACKAGED), spec
+    try:
+        return module.get_config(variant) if variant else module.get_config()
+    except ValueError as error:  # an unknown variant: the config file lists the known ones
+        raise ConfigError(f"--config {spec}: {error}") from None
 
 
 def _literal(text: str):
@@ -47,18 +64,20 @@ def apply_overrides(config, overrides) -> None:
     while items:
         item = items.pop(0)
         if not item.startswith("--config."):
-            raise SystemExit(f"unknown argument {item!r}; overrides look like --config.num_steps=100")
+            raise ConfigError(f"unknown argument {item!r}; overrides look like --config.num_steps=100")
         name, eq, value = item[len("--config."):].partition("=")
         if not eq:
             if not items:
-                raise SystemExit(f"{item} needs a value")
+                raise ConfigError(f"{item} needs a value")
             value = items.pop(0)
         *parents, leaf = name.split(".")
         node = config
         for part in parents:
+            if part not in node:
+                raise ConfigError(f"--config.{name}: no such field")
             node = node[part]
         if leaf not in node:
-            raise SystemExit(f"--config.{name}: no such field")
+            raise ConfigError(f"--config.{name}: no such field")
         current, new = node[leaf], _literal(value)
         if isinstance(current, str) and not isinstance(new, str):
             new = value
@@ -68,7 +87,9 @@ def apply_overrides(config, overrides) -> None:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="test", help="configs/train.py:VARIANT (or a variant name)")
+    parser.add_argument("--config", default="test",
+                        help="a variant of the packaged training configs (demo, sam2.1_tiny, ...), "
+                        "MODULE:VARIANT or FILE.py:VARIANT")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and tensorboard/ go here")
     parser.add_argument("--init_checkpoint", default="",
                         help="converted SAM 2 weights (`medsam2-jax convert` output) to fine-tune from")
@@ -81,16 +102,30 @@ def add_train_parser(subparsers):
     return parser
 
 
-def run(args, overrides) -> int:
-    from medsam2_jax.training.loop import train
-
-    config = load_config(args.config)
-    apply_overrides(config, overrides)
+def check_config(config) -> None:
+    """What would otherwise fail only after the model is built (or deep inside the data pipeline)."""
     if config.model_config.image_size != config.data.image_size:
-        raise SystemExit(f"data.image_size {config.data.image_size} differs from the model's "
-                         f"{config.model_config.image_size}")
+        raise ConfigError(f"data.image_size {config.data.image_size} differs from the model's "
+                          f"{config.model_config.image_size}")
+    if not config.data.manifest:
+        raise ConfigError("no training data: give --config.data.manifest=FILE.jsonl (or set data.manifest in the config)")
+    for field in ("manifest", "val_manifest"):
+        path = config.data[field]
+        if path and not Path(path).is_file():
+            raise ConfigError(f"--config.data.{field}: no such file {path}")
+
+
+def run(args, overrides) -> int:
+    try:
+        config = load_config(args.config)
+        apply_overrides(config, overrides)
+        check_config(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from medsam2_jax.convert.checkpoint import CheckpointError
     from medsam2_jax.training.data import DataError
+    from medsam2_jax.training.loop import train
 
     try:
         state = train(config, args.workdir, init_checkpoint=args.init_checkpoint)
