@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     def crop_option(q):
         q.add_argument("--crop", type=float, default=None, metavar="FACTOR",
                        help="show the model only a square window FACTOR x the prompts' extent on every slice "
-                       "(0: whole slices; default: the checkpoint's own, 3 for the shipped demo model)")
+                       "(0: whole slices; default: the checkpoint's own manifest inference.crop, else whole slices)")
 
     q = sub.add_parser(
         "segment",

@@ -138,26 +138,29 @@ def test_box_mask_input_marks_the_box():
 def test_demo_stages_share_one_model():
     """Each stage of the demo recipe starts from the previous one's weights: one model; single
     slices, then slice pairs with the local memory start, then clips that run past the object,
-    then the stopping stages (an empty-mask target past the end), then the same on prompt windows
-    (single slices with the encoder trained, then stopping clips). Only the first stage that tracks
+    then the stopping stages (an empty-mask target past the end); the prompt-window experiment
+    (CROP_STAGES) does the same on windows. Only the first stage that tracks
     starts local: a later one would reset what it learned."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from train_demo_model import STAGES
+    from train_demo_model import CROP_STAGES, STAGES
 
     configs = [get_config(v) for v in STAGES]
-    assert STAGES[-1] == "demo_crop" and all(
+    assert STAGES[-1] == "demo_stop_refine" and all(
         c.model_config == configs[0].model_config and c.model == "demo" for c in configs)
-    single = [v for v, c in zip(STAGES, configs) if c.data.clip_length == 1]
-    assert single == ["demo_images", "demo_crop_images"]
+    assert configs[0].data.clip_length == 1 and all(c.data.clip_length > 1 for c in configs[1:])
     assert [c.local_memory_attention_init for c in configs] == [False, True] + [False] * (len(configs) - 2)
     assert configs[-1].data.exit_prob > 0 and configs[-1].loss.mask_on_absent
     assert not any(c.loss.mask_on_absent for c in configs[:3])
-    # The prompt-window stages train on windows and export the window they expect.
-    cropped = [v for v, c in zip(STAGES, configs) if c.data.crop_prob > 0]
-    assert cropped == list(STAGES[-2:]) and all(c.inference_crop >= 1 for c in configs[-2:])
-    assert configs[-2].freeze == () and configs[-1].freeze == (r"^image_encoder\.",)
+    assert not any(c.data.crop_prob or c.inference_crop for c in configs)  # the shipped recipe: whole slices
+    # The prompt-window experiment: single slices with the encoder trained, tracking, then stopping,
+    # all on windows, exporting the window they expect.
+    crop = [get_config(v) for v in CROP_STAGES]
+    assert all(c.data.crop_prob > 0 and c.inference_crop >= 1 and c.model_config == configs[0].model_config
+               for c in crop)
+    assert crop[0].data.clip_length == 1 and crop[0].freeze == ()
+    assert not crop[1].loss.mask_on_absent and crop[2].loss.mask_on_absent
 
 
 @pytest.mark.parametrize("kind", ["box", "click"])

@@ -44,6 +44,8 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     are the slices of the union of the ranges, and each object is empty outside its own.
     `crop` (a factor, e.g. 3): the model sees only a square in-plane region around the prompts,
     `crop` times their extent (`prompt_crop`), on every slice; everything outside is background.
+    One window holds all objects, so objects far apart make it wide (and their pixels few):
+    segment them in separate runs to give each its own window.
     `progress(n)` is called with the number of slices just finished (for a progress bar).
     """
     unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
