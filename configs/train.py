@@ -51,12 +51,15 @@ SHARDING_RULES = (
 )
 
 
+# The demo model's training variants (scripts/train_demo_model.py): all train the `demo` model.
+DEMO_VARIANTS = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine", "demo_crop_images",
+                 "demo_crop_tracking", "demo_crop")
+
+
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
-    demo_stages = ("demo_images", "demo_tracking", "demo_stop", "demo_stop_refine", "demo_crop_images",
-                   "demo_crop_tracking", "demo_crop")
-    c.model = "test" if variant == "test_tiny" else "demo" if variant in demo_stages else variant
+    c.model = "test" if variant == "test_tiny" else "demo" if variant in DEMO_VARIANTS else variant
     c.model_config = model_configs.get_config(c.model)
     c.init_checkpoint = ""  # a converted SAM 2 checkpoint dir (convert CLI); empty = from scratch
     c.seed = 123
@@ -187,8 +190,7 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             m.memory_attention.num_layers = 1
             m.memory_attention.dim_feedforward = 256
             c.prompts.num_correction_points = 1
-    elif variant in ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine", "demo_crop_images",
-                     "demo_crop_tracking", "demo_crop"):
+    elif variant in DEMO_VARIANTS:
         # From scratch on two CPU cores, in three stages, each from the previous one's weights:
         #   demo_images    encoder and decoder on single prompted slices (cheap steps, all prompted);
         #   demo_tracking  the memory path on slice pairs, conditioned on the GT mask (a clean

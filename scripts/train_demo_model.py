@@ -191,7 +191,7 @@ def export(params, config, out_dir: Path, info: dict) -> None:
     params = jax.device_get(params)
     tmp = Path(tempfile.mkdtemp(prefix=".demo_export_", dir=out_dir.parent))
     try:
-        crop = config.get("inference_crop", 0.0)
+        crop = config.inference_crop
         save_params(params, tmp / "w", config.model_config, source=None, inference={"crop": crop} if crop else None)
         # Orbax writes the absolute path it saved to here; the shipped copy must not name this machine.
         (tmp / "w" / "params" / "commit_success.txt").write_text("Checkpoint commit was successful")

@@ -246,8 +246,8 @@ def _output_to_input(rng: np.random.Generator, in_shape: tuple[int, int], size: 
     centre_out = np.array([size / 2.0, size / 2.0])
     centre_in = np.array([h / 2.0, w / 2.0])
     if window is not None:
-        centre_in, h = np.array(window[:2]) + 0.5, window[2]  # pixel centres sit at index + 0.5
-        w = h
+        centre_in = np.array(window[:2]) + 0.5  # pixel centres sit at index + 0.5
+        h = w = window[2]
     flip = np.diag([-1.0 if rng.random() < cfg.vflip_prob else 1.0, -1.0 if rng.random() < cfg.hflip_prob else 1.0])
     angle = math.radians(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees))
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])

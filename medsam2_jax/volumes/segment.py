@@ -48,16 +48,15 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     segment them in separate runs to give each its own window.
     `progress(n)` is called with the number of slices just finished (for a progress bar).
     """
-    unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
-    region = None
-    if crop is not None:
-        region = prompt_crop(prompts, _in_plane_spacing(volume, prompts.axis), crop)
-        unit, prompts, full_prompts = region.slices(unit, prompts.axis), region.prompts(prompts), prompts
-    merged, scores = _track(unit, prompts, predictor, progress)
-    if region is not None:
-        merged, prompts = region.paste(merged, full_prompts.slice_shape, NO_OBJECT_LOGIT), full_prompts
-    object_ids = list(prompts.object_ids)
     axis = prompts.axis
+    unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
+    if crop is None:
+        merged, scores = _track(unit, prompts, predictor, progress)
+    else:
+        region = prompt_crop(prompts, _in_plane_spacing(volume, axis), crop)
+        merged, scores = _track(region.slices(unit, axis), region.prompts(prompts), predictor, progress)
+        merged = region.paste(merged, prompts.slice_shape, NO_OBJECT_LOGIT)
+    object_ids = list(prompts.object_ids)
     probabilities = expit(merged)  # (n, objects, h, w)
     labels = _labels(merged, object_ids)
     if largest_component:
