@@ -99,6 +99,10 @@ def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress) -> tup
                 predictor.release_frame(state, frame_idx)  # no pass starts near it: host memory stays flat
             if progress is not None:
                 progress(1)
+        if reverse and start == 0:
+            # SAM 2 tracks nothing backward from frame 0 (its processing order is empty): this
+            # pass holds only the prompted frame, whose answer the forward pass already gave.
+            logits[0] = passes[False][0]
         passes[reverse] = logits
 
     merged = _merge_passes(passes[False], passes[True], prompts, object_ids, offset=lo)
