@@ -132,9 +132,14 @@ def test_json_prompt_file(tmp_path, itk_t1):
     ([{"id": 1, "boxes": [[[20, 10, 10], [90, 50, 40]]]}], "voxel", "different coronal slices"),
     ([{"id": 1, "boxes": [[[20, 10, 40], [90, 50, 40]], [[30, 10, 40], [90, 50, 40]]]}], "voxel", "two boxes"),
     ([{"id": 1}], "voxel", "no points and no boxes"),
-    ([{"id": 0, "points": [[1, 1, 1]]}], "voxel", "integer 'id' >= 1"),
+    ([{"id": 0, "points": [[1, 1, 1]]}], "voxel", "integer 'id' from 1"),
+    ([{"id": 2**31, "points": [[1, 1, 1]]}], "voxel", "integer 'id' from 1 to 2147483647"),  # a label file's largest
     ([{"id": 1, "points": [[1, 1]]}], "voxel", "expected numbers"),
     ([{"id": 1, "points": [[1, 1, 1]], "point_labels": [2]}], "voxel", "0 or 1"),
+    ([{"id": 1, "points": [[1, 1, 1]], "point_labels": [0.5]}], "voxel", "0 or 1"),
+    ([{"id": 1, "points": [[1, 1, 1], [2, 2, 2]], "point_labels": [[], 0]}], "voxel", "0 or 1"),
+    ([{"id": 1, "points": [[1, 1, 1]], "point_labels": [2**31]}], "voxel", "0 or 1"),
+    ([{"id": 1, "boxes": True}], "voxel", "boxes must be a list"),
     ([{"id": 1, "points": [[1, 1, 1]]}, {"id": 1, "points": [[2, 2, 2]]}], "voxel", "given twice"),
     ([{"id": 1, "points": [[1, 1, 1]]}], "pixels", "unknown coordinate space"),
     ([], "voxel", "no objects"),
@@ -166,10 +171,12 @@ def test_seed_label_on_another_grid(itk_t1):
     ('{"objects": 3}', "'objects' list"),
     ('{"version": 2, "objects": []}', "version 2"),
     ('{"objects": [{"id": 1, "points": [[1, 1, 999]]}]}', "outside the volume"),
+    (b"\xff\xfe{}", "not text"),
+    pytest.param("[" * 5000, "nested too deeply", id="5000-deep"),
 ])
 def test_bad_prompt_files(tmp_path, itk_t1, content, message):
     path = tmp_path / "prompts.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(PromptError, match=message) as error:
         prompts.load_prompt_file(path, itk_t1)
     assert str(path) in str(error.value) and "\n" not in str(error.value)

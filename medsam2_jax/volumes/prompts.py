@@ -54,6 +54,7 @@ from medsam2_jax.volumes.io import LPS_TO_RAS, Volume
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 SPACES = ("voxel", "canonical", "world", "world_lps")
 PROMPT_FILE_VERSION = 1
+MAX_OBJECT_ID = np.iinfo(np.int32).max  # the label volume is int32 at most
 
 
 class PromptError(ValueError):
@@ -195,8 +196,12 @@ def load_prompt_file(path: str | Path, volume: Volume) -> VolumePrompts:
         data = json.loads(path.read_text())
     except OSError as error:
         raise PromptError(f"{path}: cannot read the prompt file ({error.strerror}); check the path") from error
+    except UnicodeDecodeError as error:
+        raise PromptError(f"{path}: not text (byte {error.start} is not UTF-8); a prompt file is JSON text") from error
     except json.JSONDecodeError as error:
         raise PromptError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix the prompt file") from error
+    except RecursionError:
+        raise PromptError(f"{path}: JSON nested too deeply for a prompt file; see the schema in prompts.py") from None
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise PromptError(f"{path}: a prompt file is a JSON object with an 'objects' list; see the schema in prompts.py")
     if data.get("version", PROMPT_FILE_VERSION) != PROMPT_FILE_VERSION:
@@ -277,6 +282,8 @@ def _object_slice_prompts(volume: Volume, entry: Mapping, object_id: int, space:
     points, boxes = entry.get("points") or [], entry.get("boxes") or []
     if not points and not boxes:
         raise PromptError(f"object {object_id} has no points and no boxes; give at least one")
+    if not isinstance(boxes, (list, tuple)):
+        raise PromptError(f"object {object_id}: boxes must be a list [[[x0, y0, z0], [x1, y1, z1]], ...], got {boxes!r}")
     prompts = []
     if points:
         prompts += _point_prompts(volume, object_id, points, entry.get("point_labels"), space, axis, notes=notes)
@@ -288,9 +295,13 @@ def _object_slice_prompts(volume: Volume, entry: Mapping, object_id: int, space:
 def _point_prompts(volume: Volume, object_id: int, points, labels, space: str, axis: int, *,
                    notes: list[str]) -> list[SlicePrompt]:
     points = _as_coordinates(points, (-1, 3), f"object {object_id} points")
-    labels = np.ones(len(points), np.int32) if labels is None else np.asarray(labels, np.int32)
-    if labels.shape != (len(points),) or not np.isin(labels, (0, 1)).all():
+    try:
+        labels = np.ones(len(points)) if labels is None else np.asarray(labels, np.float64)
+    except (TypeError, ValueError):  # nested lists, strings: not one number per point
+        labels = None
+    if labels is None or labels.shape != (len(points),) or not np.isin(labels, (0, 1)).all():
         raise PromptError(f"object {object_id}: point_labels must be one 0 or 1 per point")
+    labels = labels.astype(np.int32)
     whole = _on_whole_slices(volume, points, space, axis, f"object {object_id}: point", notes)
     canonical = to_canonical_voxels(volume, whole, space)
     _check_inside(volume, canonical, points, space, f"object {object_id}: point")
@@ -449,8 +460,8 @@ def _shape_text(shape: tuple[int, int]) -> str:
 
 def _object_id(entry: Mapping) -> int:
     object_id = entry.get("id") if isinstance(entry, Mapping) else None
-    if isinstance(object_id, bool) or not isinstance(object_id, int) or object_id < 1:
-        raise PromptError(f"each object needs an integer 'id' >= 1 (its label value), got {entry!r}")
+    if isinstance(object_id, bool) or not isinstance(object_id, int) or not 1 <= object_id <= MAX_OBJECT_ID:
+        raise PromptError(f"each object needs an integer 'id' from 1 to {MAX_OBJECT_ID} (its label value), got {entry!r}")
     return object_id
 
 
