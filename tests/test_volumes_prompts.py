@@ -212,3 +212,16 @@ def test_a_fractional_slice_is_rounded_in_the_users_numbering(itk_t1):
     # Millimetres fall between slices as a matter of course: rounded to the nearest, unremarked.
     world = nib.affines.apply_affine(itk_t1.original_affine, [[40.2, 30, 50]])
     assert prompts.build_prompts(itk_t1, [{"id": 1, "points": world.tolist()}], space="world").notes == ()
+
+
+def test_a_slice_range_beyond_any_slice_number_is_refused(tmp_path):
+    """Millimetres on half-millimetre slices double: 1e308 mm overflows to an infinite slice,
+    which is outside the volume like any other (not an OverflowError)."""
+    volume = io.make_volume(np.arange(9 * 8 * 7, dtype=np.float32).reshape(9, 8, 7), np.diag([1, 1, 0.5, 1]),
+                            source_path=tmp_path / "v.nii.gz", source_format="nifti")
+    entry = {"id": 1, "boxes": [[[1, 1, 1], [4, 4, 1]]], "z_range": [0, 1e308]}
+    with pytest.raises(PromptError, match=r"slice range 0:inf lies outside"):
+        prompts.build_prompts(volume, [entry], space="world")
+    box_only = prompts.build_prompts(volume, [dict(entry, z_range=None)], space="world")
+    with pytest.raises(PromptError, match="lies outside"):
+        prompts.with_slice_ranges(box_only, {1: [float("nan"), 3]})

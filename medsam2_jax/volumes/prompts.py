@@ -256,10 +256,11 @@ def with_slice_ranges(prompts: VolumePrompts, ranges: Mapping[int, Sequence[floa
     for object_id, bounds in ranges.items():
         if object_id not in prompts.object_ids:
             raise PromptError(f"a slice range is given for object {object_id}, which has no prompt")
-        lo, hi = sorted(int(np.rint(b)) for b in bounds)
-        if lo < 0 or hi >= prompts.num_slices:
-            raise PromptError(f"object {object_id}: slice range {lo}:{hi} lies outside the volume's "
+        lo, hi = sorted(float(np.rint(b)) for b in bounds)
+        if not 0 <= lo <= hi < prompts.num_slices:  # also false for NaN and for millimetres that overflowed
+            raise PromptError(f"object {object_id}: slice range {lo:g}:{hi:g} lies outside the volume's "
                               f"{prompts.num_slices} {axis_name(prompts.axis)} slices (0 to {prompts.num_slices - 1})")
+        lo, hi = int(lo), int(hi)
         outside = [k for k in prompts.prompted_slices(object_id) if not lo <= k <= hi]
         if outside:
             raise PromptError(f"object {object_id}: prompted slice {outside[0]} lies outside its slice range "
