@@ -37,6 +37,15 @@ def test_masked_keys_contribute_exactly_nothing(impl):
         assert np.abs(out[b] - np.asarray(ref)[0]).max() < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked", "fused"])
+def test_mixed_dtypes_promote(impl):
+    """bfloat16 values with float32 keys (a bf16 run adds float32 positional encodings to keys)."""
+    q, k, v = (jnp.asarray(a) for a in _qkv(nq=64, nk=2100))
+    out = dot_product_attention(q, k, v.astype(jnp.bfloat16), impl=impl)
+    ref = dot_product_attention(q, k, v.astype(jnp.bfloat16).astype(jnp.float32), impl="xla")
+    assert np.abs(np.asarray(out, np.float32) - np.asarray(ref)).max() < 1e-2  # one bf16 rounding of the output
+
+
 def test_auto_resolves_by_backend_and_rejects_unknown():
     assert resolve_impl("auto") == ("chunked" if jax.default_backend() == "cpu" else "fused")
     with pytest.raises(ValueError, match="attention_impl"):

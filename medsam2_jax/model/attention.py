@@ -36,8 +36,11 @@ def resolve_impl(impl: str) -> str:
 def dot_product_attention(q, k, v, key_mask=None, impl: str = "auto", skip_masked: bool = False):
     impl = resolve_impl(impl)
     if impl == "fused":
+        # jax.nn.dot_product_attention wants one dtype; the einsum paths promote, so promote here
+        # too (a bfloat16 run adds float32 positional encodings to its keys).
+        dtype = jnp.result_type(q, k, v)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask)
     if impl == "chunked" and k.shape[1] > KEY_CHUNK:
         return _chunked_attention(q, k, v, key_mask, KEY_CHUNK, skip_masked and key_mask is not None)
     return _xla_attention(q, k, v, key_mask)
