@@ -166,6 +166,39 @@ def test_constant_volume(tmp_path):
     assert_one_line_naming(error, path, "same value")
 
 
+@pytest.mark.parametrize("affine, words", [
+    (np.diag([1.0, np.nan, 1.0, 1.0]), "NaN, Inf or overflowing"),
+    (np.diag([1.0, 1e308, 1e308, 1.0]), "NaN, Inf or overflowing"),
+    (np.diag([1.0, 0.0, 1.0, 1.0]), "singular"),  # a voxel axis with no size
+    (np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "singular"),  # two along one direction
+])
+def test_an_affine_that_places_no_voxel(tmp_path, affine, words):
+    """nibabel reads such a header; orienting it raised LinAlgError or ValueError (found by fuzzing)."""
+    path = tmp_path / "bad_affine.nii"
+    image = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.eye(4))
+    image.header["sform_code"], image.header["qform_code"] = 1, 0
+    nib.save(image, path)
+    header = nib.Nifti1Header.from_fileobj(open(path, "rb"))
+    for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
+        header[name] = affine[row]
+    with open(path, "r+b") as file:
+        file.write(header.binaryblock)
+    with pytest.raises(VolumeError) as error:
+        io.load_volume(path)
+    assert_one_line_naming(error, path, words)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])])
+def test_colour_or_complex_voxels(tmp_path, dtype):
+    """Complex voxels lost their imaginary part silently; RGB24 ones raised TypeError."""
+    data = np.zeros((4, 5, 6), dtype)
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4), dtype=dtype), path)
+    with pytest.raises(VolumeError) as error:
+        io.load_volume(path)
+    assert_one_line_naming(error, path, "colour or complex")
+
+
 # DICOM -------------------------------------------------------------------------------------
 
 def write_dicom_series(volume_path, folder, drop_slice=None):
@@ -252,6 +285,35 @@ def test_single_dicom_slice_where_3d_is_needed():
     with pytest.raises(VolumeError) as error:
         io.load_volume(path)
     assert_one_line_naming(error, path, "single 2D DICOM slice")
+
+
+@pytest.mark.parametrize("keyword, value, words", [
+    ("ImageOrientationPatient", [1.0], "is not 6 finite numbers"),  # one value: a scalar, not a list
+    ("ImageOrientationPatient", [1, 0, 0, 1, 0, 0], "no slice direction"),  # rows and columns one way
+    ("ImagePositionPatient", [1.0, 2.0], "is not 3 finite numbers"),
+    ("PixelSpacing", [0.0, 1.0], "is not 2 positive numbers"),
+    ("PixelSpacing", [1.0], "is not 2 positive numbers"),
+    ("RescaleSlope", "abc", "is not a finite number"),
+    ("PixelData", b"\0" * 100, "cannot decode the DICOM pixel data"),  # shorter than Rows x Columns
+])
+def test_dicom_header_values_that_are_not_what_dicom_says(tmp_path, itk_t1_dicom_folder, keyword, value, words):
+    """Each raised IndexError, TypeError or ValueError from numpy or pydicom (found by fuzzing)."""
+    import shutil
+
+    import pydicom
+
+    folder = tmp_path / "series"
+    shutil.copytree(itk_t1_dicom_folder, folder)
+    first = sorted(p for p in folder.iterdir() if p.name.startswith("IM"))[0]
+    dataset = pydicom.dcmread(first)
+    if isinstance(value, str):  # as a scanner may write it: text where numbers belong
+        dataset.add_new(pydicom.datadict.tag_for_keyword(keyword), "LO", value)
+    else:
+        setattr(dataset, keyword, value)
+    dataset.save_as(first)
+    with pytest.raises(VolumeError) as error:
+        io.load_volume(folder)
+    assert_one_line_naming(error, folder, keyword if keyword != "PixelData" else "", words)
 
 
 # 2D images ---------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ def load_dicom_series(folder: Path) -> Volume:
     row_dir, col_dir = _orientation(first, folder)
     normal = np.cross(row_dir, col_dir)
     slices = sorted(
-        (_Slice(_rescaled_pixels(ds, ds.pixel_array, folder), _position(ds, folder)) for ds in datasets),
+        (_Slice(_rescaled_pixels(ds, _pixel_array(ds, folder), folder), _position(ds, folder)) for ds in datasets),
         key=lambda s: float(s.position @ normal),
     )
     slice_gap = _regular_slice_gap([float(s.position @ normal) for s in slices], folder)
     pixels = np.stack([s.pixels for s in slices])
-    affine = _affine(row_dir, col_dir, normal * slice_gap, _pixel_spacing(first), slices[0].position)
+    affine = _affine(row_dir, col_dir, normal * slice_gap, _pixel_spacing(first, folder), slices[0].position)
     return _volume_from_frames(pixels, affine, folder, first)
 
 
@@ -53,7 +53,7 @@ def load_dicom_file(path: Path) -> Volume:
         raise VolumeError(
             f"{path}: a single 2D DICOM slice where a 3D volume is needed; give the folder holding the whole series"
         )
-    pixels = _rescaled_pixels(dataset, dataset.pixel_array, path)
+    pixels = _rescaled_pixels(dataset, _pixel_array(dataset, path), path)
     row_dir, col_dir = _orientation(dataset, path, default=True)
     positions = _frame_positions(dataset, frames)
     normal = np.cross(row_dir, col_dir)
@@ -63,8 +63,8 @@ def load_dicom_file(path: Path) -> Volume:
         gap = _regular_slice_gap(list(positions @ normal), path)
         origin = positions[0]
     else:
-        gap, origin = _frame_spacing(dataset), np.zeros(3)
-    affine = _affine(row_dir, col_dir, normal * gap, _pixel_spacing(dataset), origin)
+        gap, origin = _frame_spacing(dataset, path), np.zeros(3)
+    affine = _affine(row_dir, col_dir, normal * gap, _pixel_spacing(dataset, path), origin)
     return _volume_from_frames(pixels, affine, path, dataset)
 
 
@@ -128,14 +128,18 @@ def _orientation(dataset, where: Path, default: bool = False) -> tuple[np.ndarra
         if default:
             return np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
         raise VolumeError(f"{where}: DICOM slices without ImageOrientationPatient; the series geometry is unknown")
-    cosines = np.asarray(values, dtype=np.float64)
-    return cosines[:3], cosines[3:]
+    cosines = _numbers(values, 6, "ImageOrientationPatient", where)
+    row_dir, col_dir = cosines[:3], cosines[3:]
+    if not np.linalg.norm(np.cross(row_dir, col_dir)) > 0.5:  # two unit vectors at right angles: 1
+        raise VolumeError(f"{where}: DICOM ImageOrientationPatient {values!r} gives no slice direction (the row and "
+                          "column directions must be unit vectors at right angles); fix the file's header")
+    return row_dir, col_dir
 
 
 def _position(dataset, where: Path) -> np.ndarray:
     if "ImagePositionPatient" not in dataset:
         raise VolumeError(f"{where}: DICOM slices without ImagePositionPatient; the slice order is unknown")
-    return np.asarray(dataset.ImagePositionPatient, dtype=np.float64)
+    return _numbers(dataset.ImagePositionPatient, 3, "ImagePositionPatient", where)
 
 
 def _frame_positions(dataset, frames: int) -> np.ndarray | None:
@@ -149,17 +153,33 @@ def _frame_positions(dataset, frames: int) -> np.ndarray | None:
         return None
 
 
-def _frame_spacing(dataset) -> float:
+def _frame_spacing(dataset, where: Path) -> float:
     for name in ("SpacingBetweenSlices", "SliceThickness"):
         value = _shared_attribute(dataset, "PixelMeasuresSequence", name)
         if value:
-            return float(value)
+            return float(_numbers(value, 1, name, where, positive=True)[0])
     return 1.0  # nothing recorded: unit spacing, as most viewers assume
 
 
-def _pixel_spacing(dataset) -> tuple[float, float]:
+def _pixel_spacing(dataset, where: Path) -> tuple[float, float]:
     value = _shared_attribute(dataset, "PixelMeasuresSequence", "PixelSpacing")
-    return (float(value[0]), float(value[1])) if value else (1.0, 1.0)
+    if not value:
+        return (1.0, 1.0)
+    between_rows, between_columns = _numbers(value, 2, "PixelSpacing", where, positive=True)
+    return float(between_rows), float(between_columns)
+
+
+def _numbers(value, count: int, name: str, where: Path, positive: bool = False) -> np.ndarray:
+    """A header attribute that must hold `count` finite numbers (all positive if `positive`)."""
+    try:
+        numbers = np.asarray(value, dtype=np.float64).reshape(count)
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or not np.isfinite(numbers).all() or (positive and (numbers <= 0).any()):
+        kind = "positive" if positive else "finite"
+        expected = f"a {kind} number" if count == 1 else f"{count} {kind} numbers"
+        raise VolumeError(f"{where}: DICOM {name} {value!r} is not {expected}; fix the file's header")
+    return numbers
 
 
 def _shared_attribute(dataset, sequence: str, name: str):
@@ -172,12 +192,20 @@ def _shared_attribute(dataset, sequence: str, name: str):
     return None
 
 
+def _pixel_array(dataset, where: Path) -> np.ndarray:
+    try:
+        return dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for pixel data it cannot decode
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise VolumeError(f"{where}: cannot decode the DICOM pixel data ({message}); check the file") from None
+
+
 def _rescaled_pixels(dataset, pixels: np.ndarray, where: Path) -> np.ndarray:
     """Stored values -> real units (Hounsfield units for CT) through RescaleSlope/Intercept."""
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and "NumberOfFrames" not in dataset):
         raise VolumeError(f"{where}: colour or unusual DICOM pixel layout {pixels.shape}; give a greyscale series")
-    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    slope = float(_numbers(getattr(dataset, "RescaleSlope", 1) or 1, 1, "RescaleSlope", where)[0])
+    intercept = float(_numbers(getattr(dataset, "RescaleIntercept", 0) or 0, 1, "RescaleIntercept", where)[0])
     return pixels.astype(np.float32) * slope + intercept
 
 

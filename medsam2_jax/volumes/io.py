@@ -141,11 +141,14 @@ def _open_nifti(path: Path):
 
 def _read_nifti_data(image, path: Path) -> np.ndarray:
     try:
-        return np.asarray(image.dataobj)  # applies the header's scale slope and intercept
+        data = np.asarray(image.dataobj)  # applies the header's scale slope and intercept
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as error:
         raise VolumeError(
             f"{path}: the file is truncated or corrupt ({_first_line(error)}); copy or export it again"
         ) from error
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating) or data.dtype == bool):
+        raise VolumeError(f"{path}: voxels of type {data.dtype} (colour or complex values); give a greyscale volume")
+    return data
 
 
 def _squeeze_to_3d(data: np.ndarray, path: Path) -> np.ndarray:

@@ -83,6 +83,7 @@ def make_volume(
 ) -> Volume:
     """Validates a 3D array on the grid of `affine` and reorients it to RAS+."""
     check_voxels(data, source_path)
+    check_geometry(affine, source_path)
     to_canonical = orientations.ornt_transform(_ornt_of(affine), _canonical_ornt())
     canonical = orientations.apply_orientation(data, to_canonical).astype(np.float32)
     canonical_affine = affine @ orientations.inv_ornt_aff(to_canonical, data.shape)
@@ -111,6 +112,20 @@ def check_voxels(data: np.ndarray, path: Path) -> None:
     if data.size == 0 or data.min() == data.max():
         value = data.flat[0] if data.size else "nothing"
         raise VolumeError(f"{path}: every voxel has the same value ({value}); the image is empty, check the file")
+
+
+def check_geometry(affine: np.ndarray, path: Path) -> None:
+    """Rejects a voxel-to-world affine that places no voxel: NaN, Inf or overflowing entries, a
+    voxel axis of no size, or two voxel axes along one direction (no orientation, no world
+    coordinates can come from it)."""
+    affine = np.asarray(affine, np.float64)
+    with np.errstate(over="ignore"):
+        sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if not (np.isfinite(affine).all() and np.isfinite(sizes).all()):
+        raise VolumeError(f"{path}: the voxel-to-world affine holds NaN, Inf or overflowing values; fix the file's geometry")
+    if sizes.min() == 0 or np.linalg.matrix_rank(affine[:3, :3] / sizes) < 3:
+        raise VolumeError(f"{path}: the voxel-to-world affine is singular (a voxel axis with no size, or two along "
+                          "one direction); fix the file's geometry")
 
 
 def _header_for(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Header:
