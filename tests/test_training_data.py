@@ -242,6 +242,21 @@ def test_garbage_lines_skipped_with_warning(volumes, tmp_path, caplog):
     assert "m.jsonl:2" in caplog.text and "m.jsonl:3: missing label" in caplog.text
 
 
+@pytest.mark.parametrize("content, message", [
+    (json.dumps({"image": 5.0, "label": "l.nii.gz"}), r"m\.jsonl:1: image 5\.0 is not a path"),  # was a TypeError
+    (json.dumps({"image": "i.nii.gz", "label": "l.nii.gz", "window": ["lung"]}), r"window \['lung'\] is not one of"),
+    (json.dumps({"image": "i.nii.gz", "label": "l.nii.gz", "window": "liver"}), r"window 'liver' is not one of"),
+    (b"\x80 not text", r"not text \(byte 0 is not UTF-8\)"),  # was a UnicodeDecodeError
+])
+def test_manifest_values_of_the_wrong_kind_raise_one_line(tmp_path, content, message):
+    """Found by fuzzing the manifest reader: each input is a DataError, never another exception
+    (a window that is no CT window failed only when the first clip was read)."""
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(data.DataError, match=message):
+        data.read_manifest(path, "raise")
+
+
 def _bad_manifest(volumes, tmp_path):
     """Two good entries, a missing file and a label on another grid."""
     _write_pair(tmp_path, 99, label_shape=(20, 24, 23))

@@ -81,12 +81,23 @@ def _parse_axis(value, where: str) -> int | None:
     return axis
 
 
+def _parse_window(value, where: str) -> str | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, str) and value in intensity.CT_WINDOWS:
+        return value
+    raise DataError(f"{where}: window {value!r} is not one of {', '.join(intensity.CT_WINDOWS)}")
+
+
 def _entry(index: int, fields: dict, base: Path, where: str) -> Entry:
     if not isinstance(fields, dict):
         raise DataError(f"{where}: expected an object with 'image' and 'label', got {type(fields).__name__}")
     missing = [k for k in ("image", "label") if not fields.get(k)]
     if missing:
         raise DataError(f"{where}: missing {' and '.join(missing)}; each entry needs an image and a label path")
+    not_paths = [k for k in ("image", "label") if not isinstance(fields[k], str)]
+    if not_paths:
+        raise DataError(f"{where}: {not_paths[0]} {fields[not_paths[0]]!r} is not a path; give the file's path as a string")
     objects = fields.get("objects") or ()
     if isinstance(objects, str):
         objects = [o for o in objects.replace(";", " ").split() if o]
@@ -99,7 +110,7 @@ def _entry(index: int, fields: dict, base: Path, where: str) -> Entry:
         return str(p if Path(p).is_absolute() else base / p)
 
     return Entry(index=index, image=resolve(fields["image"]), label=resolve(fields["label"]), objects=objects,
-                 axis=_parse_axis(fields.get("axis"), where), window=fields.get("window") or None)
+                 axis=_parse_axis(fields.get("axis"), where), window=_parse_window(fields.get("window"), where))
 
 
 _warned: set[str] = set()
@@ -126,7 +137,10 @@ def read_manifest(path, on_bad_record: str = "raise") -> list[Entry]:
         raise DataError(f"{path}: no such manifest file")
     base = path.parent
     rows: list[tuple[str, Any]] = []
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not text (byte {error.start} is not UTF-8); a manifest is JSONL or CSV text") from None
     if path.suffix.lower() == ".csv":
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         reader = csv.DictReader(lines)
