@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 def _short(names, n=6) -> str:
     names = sorted(names)
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return ", ".join(repr(str(name))[1:-1] for name in names[:n]) + more  # escaped: the message stays one line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # weights_only refuses pickled code objects
         raise CheckpointError(f"cannot safely load {path}: {_one_line(e)}") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and hasattr(v, "shape") for k, v in state.items()):
         raise CheckpointError(f"{path} holds no state dict (expected a dict with a 'model' entry of tensors)")
     # Checkpoints saved from a DistributedDataParallel wrapper carry a "module." prefix.
     if state and all(k.startswith("module.") for k in state):
@@ -284,10 +284,13 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
         return {}
     try:
         info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON
         raise CheckpointError(f"{path}: not a readable manifest ({_one_line(error)}); re-export the checkpoint") from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: a manifest is a JSON object; re-export the checkpoint")
+    if not isinstance(info.get("config") or "", str) or not isinstance(info.get("inference") or {}, dict):
+        raise CheckpointError(f"{path}: its config {info.get('config')!r} is not a name or its inference "
+                              f"{info.get('inference')!r} not an object; re-export the checkpoint")
     return info
 
 
@@ -296,17 +299,13 @@ def load_params(ckpt_dir: str | os.PathLike, config):
     import orbax.checkpoint as ocp
 
     ckpt_dir = Path(ckpt_dir).absolute()
-    manifest = ckpt_dir / MANIFEST
     if not (ckpt_dir / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{ckpt_dir} is not a medsam2_jax checkpoint (no {PARAMS_DIR}/ folder)")
-    if manifest.exists():
-        info = json.loads(manifest.read_text())
-        if info.get("config") not in (None, config.name) and (
-            info.get("image_size") != config.image_size or info.get("version") != config.version
-        ):
-            raise CheckpointError(
-                f"{ckpt_dir} was converted for config {info['config']}, which does not fit {config.name}"
-            )
+    info = read_manifest(ckpt_dir)
+    if info.get("config") not in (None, config.name) and (
+        info.get("image_size") != config.image_size or info.get("version") != config.version
+    ):
+        raise CheckpointError(f"{ckpt_dir} was converted for config {info['config']}, which does not fit {config.name}")
     abstract = abstract_params(config)
     try:
         return ocp.StandardCheckpointer().restore(ckpt_dir / PARAMS_DIR, abstract)

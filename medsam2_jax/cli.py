@@ -108,7 +108,12 @@ def _model(args) -> Model:
 def _crop(args, model: Model) -> float | None:
     """The prompt window factor: --crop (0 = whole slices), else the checkpoint's own."""
     crop = args.crop if args.crop is not None else model.inference.get("crop")
-    return float(crop) if crop else None
+    if not crop:
+        return None
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not crop >= 1:  # --crop is checked before
+        raise UserError(f"{model.checkpoint}: its manifest's inference crop {crop!r} is not a window factor of at "
+                        "least 1 (or 0); fix the manifest or pass --crop")
+    return float(crop)
 
 
 def _parse_at(text: str, what: str, n: int) -> tuple[list[float], float]:

@@ -105,3 +105,16 @@ def test_space_help_says_what_each_space_is_and_how_to_give_negative_numbers(cap
     assert "--box=-23,40,10,60@12" in text
     args = cli.build_parser().parse_args(["segment", "v.nii.gz", "--out", "s.nii.gz", "--box=-23,40,10,60@12"])
     assert args.box == ["-23,40,10,60@12"]
+
+
+@pytest.mark.parametrize("crop", ["abc", -1, 0.5, True, [3]])
+def test_a_manifest_crop_that_is_no_window_factor_is_a_user_error(crop):
+    """A checkpoint manifest's inference crop reached float() or prompt_crop's ValueError as a
+    traceback (found by reading what the fuzzed manifests could reach); --crop wins over it."""
+    from types import SimpleNamespace
+
+    model = cli.Model(params=None, config=None, checkpoint="ck", inference={"crop": crop})
+    with pytest.raises(cli.UserError, match=r"ck: its manifest's inference crop .* is not a window factor"):
+        cli._crop(SimpleNamespace(crop=None), model)
+    assert cli._crop(SimpleNamespace(crop=0.0), model) is None
+    assert cli._crop(SimpleNamespace(crop=None), cli.Model(None, None, "ck", {"crop": 3})) == 3.0

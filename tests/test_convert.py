@@ -222,3 +222,29 @@ def test_to_torch_writes_only_torch_names(tmp_path, capsys):
         code, err = _run_cli(["convert", str(tmp_path / "ours"), str(tmp_path / name), "--to-torch"], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and ".pt, .pth or .safetensors" in err, err
         assert not (tmp_path / name).exists()
+
+
+def test_odd_keys_are_one_line(tmp_path, capsys):
+    """Found by fuzzing: an int key raised AttributeError; a key holding a newline split the message."""
+    torch.save({"model": {3: torch.zeros(2)}}, tmp_path / "int_key.pt")
+    code, err = _run_cli(["convert", str(tmp_path / "int_key.pt"), str(tmp_path / "out"), "--config", "test"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "holds no state dict" in err, err
+    torch.save({"model": {"odd\nkey": torch.zeros(2)}}, tmp_path / "newline.pt")
+    code, err = _run_cli(["convert", str(tmp_path / "newline.pt"), str(tmp_path / "out"), "--config", "test"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "1 unused keys: odd\\nkey" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("manifest, words", [
+    (b"\xff not text", "not a readable manifest"),  # was a UnicodeDecodeError
+    (b"{not json", "not a readable manifest"),  # load_params read it unguarded: JSONDecodeError
+    (b'{"config": true}', "its config True is not a name"),  # was an AttributeError in get_config
+    (b'{"config": "test", "inference": [3]}', "its inference [3] not an object"),
+])
+def test_a_checkpoint_folder_with_a_bad_manifest(tmp_path, capsys, manifest, words):
+    (tmp_path / "ck" / "params").mkdir(parents=True)
+    (tmp_path / "ck" / "manifest.json").write_bytes(manifest)
+    code, err = _run_cli(["convert", str(tmp_path / "ck"), str(tmp_path / "back.pt"), "--to-torch", "--config", "test"],
+                         capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "back.pt").exists()
