@@ -22,6 +22,7 @@ import numpy as np
 
 EXIT_USER_ERROR = 2
 TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")  # what `convert --to-torch` writes
+MAX_CROP = 1000.0  # a window 1000 x even a one-voxel prompt is wider than any scanner's field of view
 
 
 class UserError(Exception):
@@ -110,9 +111,9 @@ def _crop(args, model: Model) -> float | None:
     crop = args.crop if args.crop is not None else model.inference.get("crop")
     if not crop:
         return None
-    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not crop >= 1:  # --crop is checked before
-        raise UserError(f"{model.checkpoint}: its manifest's inference crop {crop!r} is not a window factor of at "
-                        "least 1 (or 0); fix the manifest or pass --crop")
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 1 <= crop <= MAX_CROP:  # --crop: checked
+        raise UserError(f"{model.checkpoint}: its manifest's inference crop {crop!r} is not a window factor from 1 "
+                        f"to {MAX_CROP:g} (or 0); fix the manifest or pass --crop")
     return float(crop)
 
 
@@ -273,8 +274,8 @@ def _check_options(args) -> None:
     if args.policy not in REGISTRY:
         raise UserError(f"unknown --policy {args.policy!r}; choose one of {', '.join(sorted(REGISTRY))}")
     crop = getattr(args, "crop", None)
-    if crop is not None and crop != 0 and not crop >= 1:
-        raise UserError(f"--crop {crop:g}: give a window factor of at least 1 (the window holds the prompts), "
+    if crop is not None and crop != 0 and not 1 <= crop <= MAX_CROP:  # also refuses NaN and Inf
+        raise UserError(f"--crop {crop:g}: give a window factor from 1 (the window holds the prompts) to {MAX_CROP:g}, "
                         "or 0 for whole slices")
     level, width = getattr(args, "level", None), getattr(args, "width", None)
     if args.window is not None or level is not None or width is not None:

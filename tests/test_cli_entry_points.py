@@ -107,7 +107,17 @@ def test_space_help_says_what_each_space_is_and_how_to_give_negative_numbers(cap
     assert args.box == ["-23,40,10,60@12"]
 
 
-@pytest.mark.parametrize("crop", ["abc", -1, 0.5, True, [3]])
+@pytest.mark.parametrize("crop", ["inf", "1e308", "nan", "0.5"])
+def test_a_crop_beyond_any_field_of_view_is_refused_before_the_work(tmp_path, capsys, no_model_run, crop):
+    """--crop inf (or 1e308) passed the check and overflowed in prompt_crop (found by fuzzing)."""
+    vol = datasets.nibabel_anatomical()
+    code, _, err = _run(["segment", str(vol), "--out", str(tmp_path / "s.nii.gz"), "--box=8,10,24,30@12",
+                         f"--crop={crop}", "--config", "test"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "give a window factor from 1" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("crop", ["abc", -1, 0.5, True, [3], 1e308])
 def test_a_manifest_crop_that_is_no_window_factor_is_a_user_error(crop):
     """A checkpoint manifest's inference crop reached float() or prompt_crop's ValueError as a
     traceback (found by reading what the fuzzed manifests could reach); --crop wins over it."""

@@ -60,6 +60,9 @@ def test_to_unit_range_chooses_window_or_percentiles(head_ct):
     ({"window": "liver_special"}, "unknown CT window"),
     ({"level": 40}, "needs both"),
     ({"level": 40, "width": 0}, "must be positive"),
+    ({"level": 40, "width": float("nan")}, "finite level and width"),  # the model saw NaN (found by fuzzing)
+    ({"level": float("inf"), "width": 400}, "finite level and width"),
+    ({"level": 1e308, "width": 1e308}, "finite level and width"),  # finite, but Inf as float32 intensities
     ({"window": "brain", "level": 40, "width": 80}, "not both"),
 ])
 def test_bad_window_arguments(kwargs, message):

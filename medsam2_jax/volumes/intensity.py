@@ -95,4 +95,7 @@ def window_level_width(window: str | None, level: float | None, width: float | N
         raise ValueError("a CT window needs both a level and a width in HU (or a window name)")
     if width <= 0:
         raise ValueError(f"a CT window width must be positive, got {width}")
+    largest = float(np.finfo(np.float32).max)  # intensities are float32: beyond it they are Inf or NaN
+    if not (abs(level) < largest and width < largest):
+        raise ValueError(f"a CT window needs a finite level and width in HU, got level {level:g}, width {width:g}")
     return float(level), float(width)
