@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from medsam2_jax.configs.model import get_config
+from medsam2_jax.model.sam2 import NO_OBJ_SCORE
 from medsam2_jax.tracker.predictor import VideoPredictor
 from tests.reference import hydra_overrides, make_decisive, mask_agreement
 
@@ -59,7 +60,10 @@ def make_frames(num_frames: int, size: int, seed: int = 0) -> np.ndarray:
         img = np.clip(base + 0.08 * rng.standard_normal((cells, cells, 3)) + 0.02 * t, 0, 1)
         img = np.kron(img, np.ones((size // cells, size // cells, 1)))
         frames.append(img)
-    frames = np.stack(frames).astype(np.float32)
+    return imagenet_normalised(np.stack(frames).astype(np.float32))
+
+
+def imagenet_normalised(frames: np.ndarray) -> np.ndarray:
     mean = np.asarray((0.485, 0.456, 0.406), np.float32)
     std = np.asarray((0.229, 0.224, 0.225), np.float32)
     return (frames - mean) / std
@@ -100,15 +104,24 @@ def run(predictor, st, ops, ours: bool):
 
 
 def compare(name, image_size, num_frames, ops, seed=0, max_cond_frames_in_attn=-1):
-    import torch
-
     predictor, params, config = reference(name, image_size)
     predictor.max_cond_frames_in_attn = config.max_cond_frames_in_attn = max_cond_frames_in_attn
     frames = make_frames(num_frames, config.image_size, seed)
+    return compare_runs(predictor, params, config, frames, ops)["stats"]
+
+
+def compare_runs(predictor, params, config, frames, ops):
+    """Run `ops` on both sides over the same frames and compare every mask; returns the stats, the
+    official results [(label, masks)] and both sides' final object scores {frame: logit} of
+    object 1."""
+    import torch
+
     with torch.inference_mode():
-        ref = run(predictor, official_state(predictor, frames), ops, ours=False)
+        ref_state = official_state(predictor, frames)
+        ref = run(predictor, ref_state, ops, ours=False)
     ours_pred = VideoPredictor(params, config)
-    got = run(ours_pred, ours_pred.init_state(frames, normalized=True), ops, ours=True)
+    our_state = ours_pred.init_state(frames, normalized=True)
+    got = run(ours_pred, our_state, ops, ours=True)
     assert [label for label, _ in ref] == [label for label, _ in got]
     max_diff, worst_agree, present = 0.0, 1.0, 0
     for (label, r), (_, g) in zip(ref, got):
@@ -120,12 +133,15 @@ def compare(name, image_size, num_frames, ops, seed=0, max_cond_frames_in_attn=-
         worst_agree = min(worst_agree, mask_agreement(g, r))
     stats = dict(frames=len(ref), max_abs_logit_diff=max_diff, min_agreement=worst_agree, present=present,
                  positive_px=float(np.mean([(r > 0).mean() for _, r in ref])))
-    print(name, image_size, stats)
+    print(config.name, config.image_size, stats)
     # Not degenerate: the object is present on some frames and covers some pixels.
     assert present > 0 and stats["positive_px"] > 0
     assert max_diff <= LOGIT_ATOL, stats
     assert worst_agree >= MIN_AGREEMENT, stats
-    return stats
+    out = ref_state["output_dict_per_obj"][ref_state["obj_id_to_idx"][1]]
+    ref_scores = {t: float(o["object_score_logits"].ravel()[0])
+                  for d in (out["non_cond_frame_outputs"], out["cond_frame_outputs"]) for t, o in d.items()}
+    return dict(stats=stats, ref=ref, ref_scores=ref_scores, our_scores=ours_pred.object_scores(our_state, 1))
 
 
 S = 256  # the test config's size; positions below are fractions of it
@@ -197,3 +213,109 @@ def test_parity_512px():
 def test_parity_1024px_sam21_tiny():
     compare("sam2.1_tiny", None, 20, [("points", dict(frame_idx=0, obj_id=1, points=[[512, 512]], labels=[1])),
                                       PROP()])
+
+
+# ----------------------------------------------------------------------------------------------
+# An object that leaves the field of view and comes back.
+#
+# With random weights the object score hardly depends on the image (it sits at the head's bias,
+# +-0.005 across very different frames), so no frame would ever read "absent". We give both
+# sides the same object-score head, made once per model from the official predictor itself: the
+# last layer of the head becomes the direction that separates the head's hidden features on the
+# frames that show the object from those that do not (tracked from a click on frame 0), scaled so
+# that the two means land at +-VANISH_SCORE. Each test then checks on the official scores that
+# the sign really flips: negative while the object is out, positive again after it returns.
+
+VANISH_PRESENT = (True, True, False, False, False, True, True, True)  # 8 frames: one compiled chunk
+VANISH_ABSENT = [t for t, p in enumerate(VANISH_PRESENT) if not p]
+VANISH_SCORE = 2.0
+
+
+def vanishing_frames(size: int = S) -> np.ndarray:
+    """(T, S, S, 3) normalised: a bright square drifting right on a dark background, gone (out of
+    the field of view) on the middle frames."""
+    frames = np.full((len(VANISH_PRESENT), size, size, 3), 0.2, np.float32)
+    side = (80 * size) // 256
+    for t, present in enumerate(VANISH_PRESENT):
+        if present:
+            y0, x0 = (88 * size) // 256, (80 * size) // 256 + 4 * t
+            frames[t, y0:y0 + side, x0:x0 + side] = 0.9
+    return imagenet_normalised(frames)
+
+
+@functools.lru_cache(maxsize=None)
+def vanishing_reference(name: str):
+    """(official predictor, our params, our config, frames) whose object score follows the object."""
+    import copy
+
+    import torch
+
+    from medsam2_jax.convert.checkpoint import torch_to_params
+
+    base, _, config = reference(name)
+    predictor, config = copy.deepcopy(base), copy.deepcopy(config)
+    predictor.max_cond_frames_in_attn = config.max_cond_frames_in_attn = -1
+    frames = vanishing_frames(config.image_size)
+    head = predictor.sam_mask_decoder.pred_obj_score_head
+    last = head.layers[-1] if hasattr(head, "layers") else head
+    hidden = []
+    hook = last.register_forward_pre_hook(lambda module, args: hidden.append(args[0].detach().double().clone()))
+    try:
+        with torch.inference_mode():
+            run(predictor, official_state(predictor, frames), [CLICK(0), FWD], ours=False)
+    finally:
+        hook.remove()
+    hidden = torch.cat(hidden)  # one row per frame, in frame order (the click, then frames 1..T-1)
+    present = torch.tensor(VANISH_PRESENT)
+    present[0] = False  # the clicked frame is not tracked: leave it out of both means
+    absent = ~torch.tensor(VANISH_PRESENT)
+    on, off = hidden[present].mean(0), hidden[absent].mean(0)
+    direction = (on - off) * (2 * VANISH_SCORE / float((on - off) @ (on - off)))
+    with torch.no_grad():
+        last.weight.copy_(direction[None].float())
+        last.bias.fill_(float(-direction @ (on + off) / 2))
+    state = {k: v.numpy() for k, v in predictor.state_dict().items()}
+    params, _ = torch_to_params(state, config)
+    return predictor, params, config, frames
+
+
+def compare_vanishing(name, ops):
+    """`compare_runs` on the vanishing object; also object scores within LOGIT_ATOL on every frame."""
+    result = compare_runs(*vanishing_reference(name), ops)
+    ref, ours = result["ref_scores"], result["our_scores"]
+    print(name, "official object scores", {t: round(v, 3) for t, v in sorted(ref.items())})
+    assert ours.keys() == ref.keys()
+    assert max(abs(ours[t] - ref[t]) for t in ref) <= LOGIT_ATOL, (ours, ref)
+    return result
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("name", ["test", "test_sam2"])
+def test_parity_object_leaves_and_returns(name, reverse):
+    """Tracked from a click on the first frame (forward) or the last (reverse): absent (every
+    logit -1024, the no-object pointer and memory in the bank) on the middle frames, re-acquired
+    after them."""
+    start = len(VANISH_PRESENT) - 1 if reverse else 0
+    result = compare_vanishing(name, [CLICK(start), PROP(reverse=reverse)])
+    masks = dict(result["ref"])
+    after = range(0, VANISH_ABSENT[0]) if reverse else range(VANISH_ABSENT[-1] + 1, len(VANISH_PRESENT))
+    scores = result["ref_scores"]
+    assert all(scores[t] < 0 for t in VANISH_ABSENT) and all(scores[t] > 0 for t in after), scores
+    assert all((masks[f"prop {t} rev={reverse}"] == NO_OBJ_SCORE).all() for t in VANISH_ABSENT)
+    assert all(masks[f"prop {t} rev={reverse}"].max() > 0 for t in after)
+
+
+@pytest.mark.parametrize("name", ["test", "test_sam2"])
+def test_parity_correction_click_on_an_absent_frame(name):
+    """A click on a frame where the propagation said "absent" (the object is out of view, the
+    official mask is the -1024 fill) corrects a tracked frame: it reads the bank holding the
+    no-object memories and pointers. Tracking then goes on from the next frame, so the clicked
+    frame's output (memory encoded at preflight with its own object score) is in the bank, and
+    the object is re-acquired when it comes back."""
+    click_at = VANISH_ABSENT[1]
+    ops = [CLICK(0), FWD, CLICK(click_at, pts=((0.45, 0.5),)), PROP(start_frame_idx=click_at + 1)]
+    result = compare_vanishing(name, ops)
+    first_pass = next(m for label, m in result["ref"] if label == f"prop {click_at} rev=False")
+    assert (first_pass == NO_OBJ_SCORE).all()  # absent before the click
+    scores = result["ref_scores"]
+    assert all(scores[t] > 0 for t in range(VANISH_ABSENT[-1] + 1, len(VANISH_PRESENT))), scores
