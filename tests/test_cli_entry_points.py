@@ -128,3 +128,25 @@ def test_a_manifest_crop_that_is_no_window_factor_is_a_user_error(crop):
         cli._crop(SimpleNamespace(crop=None), model)
     assert cli._crop(SimpleNamespace(crop=0.0), model) is None
     assert cli._crop(SimpleNamespace(crop=None), cli.Model(None, None, "ck", {"crop": 3})) == 3.0
+
+
+@pytest.mark.parametrize("env, expected", [({}, "home"), ({"MEDSAM2_JAX_CACHE": "0"}, None),
+                                           ({"MEDSAM2_JAX_CACHE": "DIR"}, "DIR"),
+                                           ({"JAX_COMPILATION_CACHE_DIR": "JAXDIR"}, None)])
+def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env, expected):
+    import jax
+
+    monkeypatch.delenv("MEDSAM2_JAX_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(tmp_path / v) if v.isupper() else v)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        cli._persist_compilation()
+        where = jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    want = {"home": str(tmp_path / ".cache" / "medsam2_jax" / "xla"), "DIR": str(tmp_path / "DIR"), None: None}[expected]
+    assert where == want
