@@ -156,10 +156,9 @@ def test_bad_record_stops_with_the_file_name_or_is_skipped(manifest, env, tmp_pa
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "missing.nii.gz" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    # Skip mode with nothing usable: a clear error, not an endless search for a good record.
-    result = subprocess.run(_train_cmd(tmp_path / "w0", bad, "--config.data.on_bad_record=skip"), env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "in a row could not be read" in result.stderr, result.stderr[-2000:]
+    # Skip mode with nothing usable stops with a clear DataError, the same exit as above: that is
+    # test_training_data's test_skip_mode_gives_up_when_nothing_reads (a subprocess here spent
+    # minutes compiling the initial state before reading a record, and timed out on a busy CPU).
     # Skip mode: the bad entry is logged once and training goes on with the good ones.
     bad.write_text("\n".join(good + [json.dumps({"image": missing, "label": missing}), "not json"]) + "\n")
     result = subprocess.run(_train_cmd(tmp_path / "w2", bad, "--config.num_steps=2"), env=env,
@@ -218,14 +217,17 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # ~4 min here; test_training_sharding's 8-device step check (17 s) covers it in the default suite
+# Slow: XLA compiles the sharded train step for 4 min on a quiet 2-core CPU and for 9 min on a busy
+# one (the one-device compile adds a few more), so the subprocess gets 25 min; test_training_sharding's
+# 8-device step check (17 s) covers sharding in the default suite.
+@pytest.mark.slow
 def test_sharded_train_step_matches_one_device(env):
     """8 simulated devices, data 2 x fsdp 4, two steps of the real train step against one device.
 
     The sharded run sums over devices in another order (float32), so losses agree to rtol 1e-4
     and params to 2e-5 absolute after two Adam steps with lr 1e-3 (each step moves a weight by
     at most ~lr, and an Adam step on a near-zero gradient amplifies a 1e-7 difference in it)."""
-    result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, timeout=500,
+    result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, timeout=1500,
                             env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(result.stdout)
