@@ -118,16 +118,17 @@ def _crop(args, model: Model) -> float | None:
     return float(crop)
 
 
-def _parse_at(text: str, what: str, n: int) -> tuple[list[float], float]:
-    """'X0,Y0,X1,Y1@Z' -> ([X0, Y0, X1, Y1], Z)."""
+def _parse_coords(text: str, what: str, n: int, *, at_slice: bool) -> list[float]:
+    """'X0,Y0,X1,Y1' (n 4) or 'X,Y' (n 2) -> its n numbers; with `at_slice`, 'X0,Y0,X1,Y1@Z' ->
+    the n numbers and Z."""
+    example = ("X0,Y0,X1,Y1" if n == 4 else "X,Y") + ("@Z" if at_slice else "")
     try:
-        coords, z = text.split("@")
-        values = [float(v) for v in coords.split(",")]
-        if len(values) != n:
+        coords, *z = text.split("@") if at_slice else [text]
+        values = [float(v) for v in coords.split(",")] + [float(v) for v in z]
+        if len(values) != n + at_slice:
             raise ValueError
-        return values, float(z)
+        return values
     except ValueError:
-        example = "X0,Y0,X1,Y1@Z" if n == 4 else "X,Y@Z"
         raise UserError(f"cannot read {what} {text!r}; expected {example}") from None
 
 
@@ -148,14 +149,14 @@ def _prompts(args, volume):
         return P.prompts_from_seed_labels(volume, seed, axis=args.axis or "axial", prompt_with=args.seed_prompt)
     objects = []
     for i, text in enumerate(args.box or []):
-        (x0, y0, x1, y1), z = _parse_at(text, "--box", 4)
+        x0, y0, x1, y1, z = _parse_coords(text, "--box", 4, at_slice=True)
         objects.append({"id": i + 1, "boxes": [[[x0, y0, z], [x1, y1, z]]]})
-    clicks = [(_parse_at(t, "--point", 2), 1) for t in args.point or []]
-    clicks += [(_parse_at(t, "--neg-point", 2), 0) for t in args.neg_point or []]
+    clicks = [(_parse_coords(t, "--point", 2, at_slice=True), 1) for t in args.point or []]
+    clicks += [(_parse_coords(t, "--neg-point", 2, at_slice=True), 0) for t in args.neg_point or []]
     if clicks:
         if not objects:
             objects.append({"id": 1})
-        objects[0]["points"] = [[x, y, z] for ((x, y), z), _ in clicks]
+        objects[0]["points"] = [xyz for xyz, _ in clicks]
         objects[0]["point_labels"] = [label for _, label in clicks]
     if args.z_range:
         z_range = _parse_z_range(args.z_range)
@@ -307,16 +308,6 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def _parse_xy(text: str, what: str, n: int) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-        if len(values) != n:
-            raise ValueError
-        return values
-    except ValueError:
-        raise UserError(f"cannot read {what} {text!r}; expected {'X0,Y0,X1,Y1' if n == 4 else 'X,Y'}") from None
-
-
 def _mask_paths(out_dir: Path, images: list[str]) -> list[Path]:
     """One mask PNG per image, named after it; two images that would write one file are refused
     (the second mask would silently replace the first)."""
@@ -349,12 +340,12 @@ def cmd_segment_2d(args) -> int:
     h, w = template.shape[:2]
     prompt = {}
     if args.box:
-        x0, y0, x1, y1 = _parse_xy(args.box, "--box", 4)
+        x0, y0, x1, y1 = _parse_coords(args.box, "--box", 4, at_slice=False)
         if x1 <= x0 or y1 <= y0:
             raise UserError(f"--box {args.box} has zero area; give X0 < X1 and Y0 < Y1")
         prompt["box"] = [x0, y0, x1, y1]
-    clicks = [(_parse_xy(t, "--point", 2), 1) for t in args.point or []]
-    clicks += [(_parse_xy(t, "--neg-point", 2), 0) for t in args.neg_point or []]
+    clicks = [(_parse_coords(t, "--point", 2, at_slice=False), 1) for t in args.point or []]
+    clicks += [(_parse_coords(t, "--neg-point", 2, at_slice=False), 0) for t in args.neg_point or []]
     if clicks:
         prompt["points"] = [xy for xy, _ in clicks]
         prompt["labels"] = [label for _, label in clicks]
@@ -648,14 +639,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _persist_compilation() -> None:
     """Keep compiled functions across runs, so a second `segment` or `demo` loads them instead of
-    compiling again (about 15 s for a 512-px model on two CPU cores): in $MEDSAM2_JAX_CACHE, by
-    default ~/.cache/medsam2_jax/xla; `MEDSAM2_JAX_CACHE=0` turns it off. JAX's own
-    JAX_COMPILATION_CACHE_DIR, when set, wins."""
+    compiling again: in $MEDSAM2_JAX_COMPILE_CACHE, by default `xla/` in the package's cache folder
+    (~/.cache/medsam2_jax or $MEDSAM2_JAX_CACHE); `MEDSAM2_JAX_COMPILE_CACHE=0` turns it off. JAX's
+    own JAX_COMPILATION_CACHE_DIR, when set, wins."""
     import jax
+
+    from medsam2_jax import datasets
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return
-    where = os.environ.get("MEDSAM2_JAX_CACHE", str(Path.home() / ".cache" / "medsam2_jax" / "xla"))
+    where = os.environ.get("MEDSAM2_JAX_COMPILE_CACHE", str(datasets.cache_dir() / "xla"))
     if where not in ("", "0"):
         jax.config.update("jax_compilation_cache_dir", where)
 

@@ -4,7 +4,7 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "")
 # The CLI keeps compiled functions across runs (cli._persist_compilation): the tests' own CLI runs,
 # in this process and in subprocesses, share one cache outside the user's home.
-os.environ.setdefault("MEDSAM2_JAX_CACHE", os.path.join(tempfile.gettempdir(), "medsam2_jax_test_xla"))
+os.environ.setdefault("MEDSAM2_JAX_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "medsam2_jax_test_xla"))
 import jax  # noqa: E402
 
 # Parity tests compare float32 against float32 CPU torch.

@@ -130,17 +130,18 @@ def test_a_manifest_crop_that_is_no_window_factor_is_a_user_error(crop):
     assert cli._crop(SimpleNamespace(crop=None), cli.Model(None, None, "ck", {"crop": 3})) == 3.0
 
 
-@pytest.mark.parametrize("env, expected", [({}, "home"), ({"MEDSAM2_JAX_CACHE": "0"}, None),
-                                           ({"MEDSAM2_JAX_CACHE": "DIR"}, "DIR"),
-                                           ({"JAX_COMPILATION_CACHE_DIR": "JAXDIR"}, None)])
+@pytest.mark.parametrize("env, expected", [({}, "home/.cache/medsam2_jax/xla"), ({"MEDSAM2_JAX_CACHE": "data"}, "data/xla"),
+                                           ({"MEDSAM2_JAX_COMPILE_CACHE": "0"}, None),
+                                           ({"MEDSAM2_JAX_COMPILE_CACHE": "xla2"}, "xla2"),
+                                           ({"JAX_COMPILATION_CACHE_DIR": "jax"}, None)])
 def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env, expected):
     import jax
 
-    monkeypatch.delenv("MEDSAM2_JAX_CACHE", raising=False)
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
+    for k in ("MEDSAM2_JAX_CACHE", "MEDSAM2_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for k, v in env.items():
-        monkeypatch.setenv(k, str(tmp_path / v) if v.isupper() else v)
+        monkeypatch.setenv(k, v if v == "0" else str(tmp_path / v))
     before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     try:
@@ -148,5 +149,4 @@ def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env
         where = jax.config.jax_compilation_cache_dir
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
-    want = {"home": str(tmp_path / ".cache" / "medsam2_jax" / "xla"), "DIR": str(tmp_path / "DIR"), None: None}[expected]
-    assert where == want
+    assert where == (None if expected is None else str(tmp_path / expected))
