@@ -14,18 +14,14 @@ common range], resized to the model resolution, and its mask comes back at its o
 
 from __future__ import annotations
 
-import functools
-import json
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import config as tracker_config_lib
+from medsam2_jax.tracker import propagate
 from medsam2_jax.tracker import step as step_lib
-from medsam2_jax.tracker.policies import make_policy
 from medsam2_jax.tracker.prompts import make_prompt
 from medsam2_jax.tracker.state import init_state
 
@@ -53,17 +49,16 @@ def one_prompt_scan(params, config, policy, frames, prompt):
     return state, outs, first["low_res_masks"]
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(config_json, tracker_json, batched):
-    """One jitted scan per (model config, tracker config), keyed by their JSON (ConfigDicts do not hash)."""
-    config = ml_collections.ConfigDict(json.loads(config_json))
-    tc = ml_collections.ConfigDict(json.loads(tracker_json))
-    tracker_config_lib.check(tc, config)
-    policy = make_policy(config, tc)
-    fn = lambda params, frames, prompt: one_prompt_scan(params, config, policy, frames, prompt)
-    if batched:
-        fn = jax.vmap(fn, in_axes=(None, 0, 0))
-    return jax.jit(fn)
+def _compiled(config, tracker_config, batched):
+    """The jitted one-prompt scan (vmapped over streams when `batched`), kept with the tracker's
+    other compiled functions for this config pair."""
+    fns = propagate.compiled(config, tracker_config)
+
+    def build():
+        fn = lambda params, frames, prompt: one_prompt_scan(params, fns.config, fns.policy, frames, prompt)
+        return jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)) if batched else fn)
+
+    return fns.get(("one_prompt", batched), build)
 
 
 def prepare_image(image, image_size, config):
@@ -118,7 +113,7 @@ def segment_one_prompt(images, template_image, prompt, *, params, config, tracke
     """
     tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
     frames, p, sizes = _stream(images, template_image, prompt, config, tracker_config)
-    fn = _compiled(config.to_json(), tracker_config.to_json(), False)
+    fn = _compiled(config, tracker_config, False)
     _, outs, _ = fn(params, frames, p)
     outs = jax.tree.map(np.asarray, outs)
     masks = _masks(outs["low_res_masks"], sizes)
@@ -133,7 +128,7 @@ def segment_one_prompt_batch(streams, *, params, config, tracker_config=None):
         raise ValueError("batched streams must hold the same number of images")
     frames = np.stack([p[0] for p in prepared])
     prompts = jax.tree.map(lambda *xs: np.stack(xs), *[p[1] for p in prepared])
-    fn = _compiled(config.to_json(), tracker_config.to_json(), True)
+    fn = _compiled(config, tracker_config, True)
     _, outs, _ = fn(params, frames, prompts)
     low = np.asarray(outs["low_res_masks"])
     return [_masks(low[b], p[2]) for b, p in enumerate(prepared)]

@@ -137,6 +137,14 @@ class Compiled:
         self.features = jax.jit(features1)
         self.memory = jax.jit(memory)
         self.resize = jax.jit(lambda x, hw: layers.resize_bilinear(x, hw, antialias=False), static_argnums=1)
+        self._more: dict = {}
+
+    def get(self, name, build):
+        """Another jitted function for this config pair (e.g. `one_prompt`'s scans), built once by
+        `build()`: every compiled function of the package lives in the one `compiled` cache."""
+        if name not in self._more:
+            self._more[name] = build()
+        return self._more[name]
 
 
 _COMPILED: dict = {}
