@@ -73,6 +73,16 @@ def test_same_seed_same_batches_other_seed_differs(volumes):
     assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
 
 
+def test_grain_workers_give_the_same_batches(volumes):
+    """data.worker_count > 0 (grain worker processes) outside an absl program, same records."""
+    inline, _ = _batches(_config(volumes / "train.jsonl"), 2, seed=3)
+    workers, it = _batches(_config(volumes / "train.jsonl", worker_count=1), 2, seed=3)
+    it.close()
+    for a, b in zip(inline, workers):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_iterator_state_resumes_same_batches(volumes):
     _, it = _batches(_config(volumes / "train.jsonl"), 2)
     state = it.get_state()

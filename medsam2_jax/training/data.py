@@ -468,6 +468,12 @@ def make_dataset(entries: Sequence[Entry], data_config, *, batch_size: int, seed
     read = grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_buffer)
     batches = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)
     if data_config.worker_count > 0:
+        # grain's workers read absl flags, which only an absl.app program has parsed: without this,
+        # any worker_count > 0 failed with UnparsedFlagAccessError on the first batch.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
     return batches
 
