@@ -1,4 +1,4 @@
-"""The full image path against the official model: SAM 2.1 tiny at 1024 px, MedSAM2 at 512 px.
+"""The full image path against the official model: MedSAM2 at 512 px, SAM 2.1 tiny at 1024 px (-m slow).
 
 Image -> resize/normalise -> encode -> prompt (click, box, mask, click+box) -> decode, on a
 non-square image so the resize and coordinate scaling are exercised. The official
@@ -78,7 +78,9 @@ class Official:
         return masks[0].numpy(), iou[0].numpy(), torch.clamp(low, -32, 32)[0].numpy()
 
 
-@pytest.fixture(scope="module", params=["sam2.1_tiny", "medsam2"])
+# SAM 2.1 tiny at 1024 px is MedSAM2's network (the same config but the size) at 4x the pixels, a
+# long repeat of the 512-px case: `-m slow` (test_parity_1024px_sam21_tiny runs 1024 px there too).
+@pytest.fixture(scope="module", params=[pytest.param("sam2.1_tiny", marks=pytest.mark.slow), "medsam2"])
 def setup(request):
     model, params, config = reference_image_model(request.param)
     image = _image()
