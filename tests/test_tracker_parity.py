@@ -181,8 +181,12 @@ CASES = {
 }
 
 
+# The cases vary the predictor's bookkeeping (prompt kinds and order, objects, directions), which
+# SAM 2 and SAM 2.1 share; the two differ in the pointer's temporal encoding and the spatial
+# no-object embedding, which the SAM 2 runs of the one-click, max_cond_frames_in_attn and vanishing
+# object cases check in the default suite. So the SAM 2 runs of these cases are `-m slow`.
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", ["test", "test_sam2"])
+@pytest.mark.parametrize("name", ["test", pytest.param("test_sam2", marks=pytest.mark.slow)])
 def test_parity(name, case):
     num_frames, ops = CASES[case]
     compare(name, None, num_frames, ops)
