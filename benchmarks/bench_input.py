@@ -41,8 +41,9 @@ def _symlinked_manifest(manifest: Path, copies: int, folder: Path) -> Path:
     return path
 
 
-def clips_per_second(config, *, batch: int, clips: int) -> tuple[float, float]:
-    """(clips/s after the warm-up batch, seconds of the warm-up batch)."""
+def clips_per_second(config, *, batch: int, clips: int) -> tuple[float, float, float]:
+    """(clips/s after the warm-up batch, seconds of the warm-up batch, CPU seconds per clip of
+    this process: all the work with worker_count=0, which makes it independent of the load)."""
     import grain
 
     from medsam2_jax.training import data
@@ -53,13 +54,14 @@ def clips_per_second(config, *, batch: int, clips: int) -> tuple[float, float]:
     next(it)
     warm = time.perf_counter() - t0
     batches = max(1, clips // batch)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
     rate = batches * batch / (time.perf_counter() - t0)
+    cpu_per_clip = (time.process_time() - cpu0) / (batches * batch)
     if hasattr(it, "close"):  # stops grain's worker processes before the next row is timed
         it.close()
-    return rate, warm
+    return rate, warm, cpu_per_clip
 
 
 def main(argv=None) -> None:
@@ -92,16 +94,17 @@ def main(argv=None) -> None:
                 config.data.clip_length = 8
                 config.data.objects_per_clip = 3
                 config.data.worker_count = workers
-                rate, warm = clips_per_second(config, batch=args.batch, clips=args.clips)
+                rate, warm, cpu = clips_per_second(config, batch=args.batch, clips=args.clips)
                 row = dict(regime=regime, image_size=size, workers=workers, clips_per_s=rate, warmup_s=warm,
-                           load=os.getloadavg()[0])
+                           cpu_s_per_clip=cpu if workers == 0 else None, load=os.getloadavg()[0])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| regime | px | grain workers | clips/s | first batch (s) | load average |")
-    print("|---|---|---|---|---|---|")
+    print("\n| regime | px | grain workers | clips/s | CPU s / clip (workers 0) | first batch (s) | load average |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['regime']} | {r['image_size']} | {r['workers']} | {r['clips_per_s']:.2f} | {r['warmup_s']:.1f} "
-              f"| {r['load']:.1f} |")
+        cpu = "-" if r["cpu_s_per_clip"] is None else f"{r['cpu_s_per_clip']:.2f}"
+        print(f"| {r['regime']} | {r['image_size']} | {r['workers']} | {r['clips_per_s']:.2f} | {cpu} "
+              f"| {r['warmup_s']:.1f} | {r['load']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -1,6 +1,8 @@
-"""benchmarks/aot_memory.py on 8 simulated devices: the compiled train step holds each parameter as
-the rule table says (fsdp=8: a sharded leaf keeps 1/8 of its bytes per device, a replicated leaf
-all of them), Adam's two moments follow their parameters, and the FLOP counts are consistent.
+"""benchmarks/aot_memory.py on 8 simulated devices (test_tiny): the train step is laid out as the
+rule table says (fsdp=8: a sharded leaf keeps 1/8 of its bytes per device, a replicated leaf all
+of them), Adam's two moments follow their parameters, and the FLOP counts see every scan step.
+By default the step is traced and lowered (~50 s); the XLA compile with memory_analysis takes
+minutes on two cores, so that check is marked slow (`pytest -m slow tests/test_aot_memory.py`).
 
 The test config sets fsdp_min_size_mb = 0, so only the leaves the table replicates by name
 (pos_embed, maskmem_tpos_enc, no_* embeddings) or that have no axis divisible by 8 stay whole;
