@@ -1,6 +1,6 @@
 """Clips per second of the grain training pipeline on this host (one process, one host's share).
 
-    python benchmarks/bench_input.py [--manifest /root/work/crop2/data/train.jsonl]
+    python benchmarks/bench_input.py [--manifest FILE.jsonl]
         [--sizes 512,1024] [--workers 0,1,2] [--clips 24] [--batch 2] [--config sam2.1_tiny]
 
 The real path of `loop.train`: `data.dataset_from_config` (NIfTI decoding, slicing, the affine and
@@ -64,9 +64,15 @@ def clips_per_second(config, *, batch: int, clips: int) -> tuple[float, float, f
     return rate, warm, cpu_per_clip
 
 
+# Where `scripts/train_demo_model.py --stage prepare` writes its manifest (its default --workdir).
+DEMO_MANIFEST = Path.home() / ".cache" / "medsam2_jax" / "demo_train" / "data" / "train.jsonl"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--manifest", default="/root/work/crop2/data/train.jsonl")
+    ap.add_argument("--manifest", default=str(DEMO_MANIFEST),
+                    help="a training manifest (default: the demo recipe's, made by "
+                    "`python scripts/train_demo_model.py --stage prepare`)")
     ap.add_argument("--config", default="sam2.1_tiny", help="training variant whose data/prompt settings to use")
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--workers", default="0,1,2")
@@ -76,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=2, help="clips per batch (this host's share of a step)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    if not Path(args.manifest).is_file():
+        raise SystemExit(f"{args.manifest}: no such manifest; give --manifest, or make the demo's with "
+                         "`python scripts/train_demo_model.py --stage prepare`")
 
     from medsam2_jax.configs.train import get_config
 
