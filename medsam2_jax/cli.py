@@ -641,12 +641,12 @@ def _persist_compilation() -> None:
     """Keep compiled functions across runs, so a second `segment` or `demo` loads them instead of
     compiling again: in $MEDSAM2_JAX_COMPILE_CACHE, by default `xla/` in the package's cache folder
     (~/.cache/medsam2_jax or $MEDSAM2_JAX_CACHE); `MEDSAM2_JAX_COMPILE_CACHE=0` turns it off. JAX's
-    own JAX_COMPILATION_CACHE_DIR, when set, wins."""
+    own cache folder, when set (JAX_COMPILATION_CACHE_DIR, read when jax is imported), wins."""
     import jax
 
     from medsam2_jax import datasets
 
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    if jax.config.jax_compilation_cache_dir:
         return
     where = os.environ.get("MEDSAM2_JAX_COMPILE_CACHE", str(datasets.cache_dir() / "xla"))
     if where not in ("", "0"):

@@ -133,17 +133,19 @@ def test_a_manifest_crop_that_is_no_window_factor_is_a_user_error(crop):
 @pytest.mark.parametrize("env, expected", [({}, "home/.cache/medsam2_jax/xla"), ({"MEDSAM2_JAX_CACHE": "data"}, "data/xla"),
                                            ({"MEDSAM2_JAX_COMPILE_CACHE": "0"}, None),
                                            ({"MEDSAM2_JAX_COMPILE_CACHE": "xla2"}, "xla2"),
-                                           ({"JAX_COMPILATION_CACHE_DIR": "jax"}, None)])
+                                           ({"jax": "jax"}, "jax")])
 def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env, expected):
+    """`jax` stands for JAX's own cache folder (JAX_COMPILATION_CACHE_DIR, read at import): it wins."""
     import jax
 
-    for k in ("MEDSAM2_JAX_CACHE", "MEDSAM2_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+    for k in ("MEDSAM2_JAX_CACHE", "MEDSAM2_JAX_COMPILE_CACHE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for k, v in env.items():
-        monkeypatch.setenv(k, v if v == "0" else str(tmp_path / v))
+        if k != "jax":
+            monkeypatch.setenv(k, v if v == "0" else str(tmp_path / v))
     before = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax") if "jax" in env else None)
     try:
         cli._persist_compilation()
         where = jax.config.jax_compilation_cache_dir
