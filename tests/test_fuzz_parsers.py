@@ -8,7 +8,10 @@ label rule, so every argument check, every reader and every writer is the shippe
 training manifest is read by `read_manifest` itself (the `train` command reads it only after
 building the model); its contract is the same: entries, or a `DataError` (one line, exit 2).
 
-Examples per property are bounded (`max_examples`) so the file runs in well under a minute.
+Examples per property are bounded (`max_examples`) so the file runs in well under a minute. The
+default run is derandomized (the same examples every run, so CI is reproducible); set
+MEDSAM2_JAX_FUZZ_EXPLORE=1 to draw new examples each run and look for new failures (a failure found
+that way becomes an `@example` here once fixed).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import string
 import struct
@@ -26,12 +30,13 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from medsam2_jax import cli
 
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                derandomize=not os.environ.get("MEDSAM2_JAX_FUZZ_EXPLORE"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +257,9 @@ def prompt_file_bytes(draw) -> bytes:
 
 @settings(FUZZ, max_examples=100)
 @given(content=prompt_file_bytes())
+# Found by an exploring run: Python's json reads NaN, which the sidecar (strict JSON) could not repeat.
+@example(content=b'{"objects": [{"id": 1, "boxes": [[[0, 0, 0], [1, 1, 0]]], "name": NaN}]}')
+@example(content=b'{"objects": [{"id": 1, "boxes": [[[0, 0, 0], [1, 1, 0]]], "name": 5, "z_range": [0, Infinity]}]}')
 def test_json_prompt_files(workdir, small_volume, content):
     out_dir = _fresh(workdir / "prompt_files")
     prompt_file = workdir / "prompts.json"

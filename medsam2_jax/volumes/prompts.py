@@ -161,7 +161,10 @@ def build_prompts(volume: Volume, objects: Sequence[Mapping], *, space: str = "v
         object_id = _object_id(entry)
         if object_id in names:
             raise PromptError(f"object id {object_id} is given twice; merge its prompts into one entry")
-        names[object_id] = str(entry.get("name", f"object {object_id}"))
+        name = entry.get("name", f"object {object_id}")
+        if not isinstance(name, str):
+            raise PromptError(f"object {object_id}: name must be text, got {name!r}")
+        names[object_id] = name
         slice_prompts += _object_slice_prompts(volume, entry, object_id, space, axis, notes=notes)
         if entry.get("z_range") is not None:
             ranges[object_id] = _z_range(volume, entry, object_id, space, axis)
@@ -189,17 +192,24 @@ def _z_range(volume: Volume, entry: Mapping, object_id: int, space: str, axis: i
     return float(canonical[0, axis]), float(canonical[1, axis])
 
 
+def _refuse_constant(name: str):
+    # Python's json reads NaN and Infinity, which JSON does not have; the sidecar could not repeat them.
+    raise PromptError(f"{name} is not a JSON number (JSON has no NaN or Infinity); write a number")
+
+
 def load_prompt_file(path: str | Path, volume: Volume) -> VolumePrompts:
     """Reads a JSON prompt file (schema in the module docstring)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except OSError as error:
         raise PromptError(f"{path}: cannot read the prompt file ({error.strerror}); check the path") from error
     except UnicodeDecodeError as error:
         raise PromptError(f"{path}: not text (byte {error.start} is not UTF-8); a prompt file is JSON text") from error
     except json.JSONDecodeError as error:
         raise PromptError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix the prompt file") from error
+    except PromptError as error:
+        raise PromptError(f"{path}: {error}") from None
     except RecursionError:
         raise PromptError(f"{path}: JSON nested too deeply for a prompt file; see the schema in prompts.py") from None
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
