@@ -449,6 +449,11 @@ def manifest_text(draw) -> tuple[str, str]:
 
 @settings(FUZZ, max_examples=100)
 @given(manifest=manifest_text(), binary=mostly(st.none(), st.binary(max_size=12)), on_bad_record=st.sampled_from(["raise", "skip"]))
+# Found by an exploring run: int(inf) raised OverflowError, not a DataError.
+@example(manifest=(".jsonl", '{"image": "a.nii.gz", "label": "a_seg.nii.gz", "axis": Infinity}'), binary=None,
+         on_bad_record="raise")
+@example(manifest=(".csv", "image,label,axis\na.nii.gz,a_seg.nii.gz,inf\nb.nii.gz,b_seg.nii.gz,1.5"), binary=None,
+         on_bad_record="raise")
 def test_training_manifests(workdir, manifest, binary, on_bad_record):
     from medsam2_jax.training.data import AXIS_NAMES, DataError, Entry, read_manifest
     from medsam2_jax.volumes.intensity import CT_WINDOWS

@@ -67,14 +67,19 @@ class Entry:
     window: str | None = None  # a CT window name (intensity.CT_WINDOWS); None = percentile clip
 
 
+def _refuse_constant(name: str):
+    # Python's json reads NaN and Infinity, which JSON does not have.
+    raise json.JSONDecodeError(f"{name} is not a JSON number (JSON has no NaN or Infinity)", name, 0)
+
+
 def _parse_axis(value, where: str) -> int | None:
     if value in (None, ""):
         return None
     if isinstance(value, str) and value.lower() in AXIS_NAMES:
         return AXIS_NAMES[value.lower()]
     try:
-        axis = int(value)
-    except (TypeError, ValueError):
+        axis = int(value) if not isinstance(value, float) or value.is_integer() else -1
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         axis = -1
     if axis not in (0, 1, 2):
         raise DataError(f"{where}: axis {value!r} is not 0, 1, 2, sagittal, coronal or axial")
@@ -153,7 +158,7 @@ def read_manifest(path, on_bad_record: str = "raise") -> list[Entry]:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                rows.append((f"{path}:{n}", json.loads(line)))
+                rows.append((f"{path}:{n}", json.loads(line, parse_constant=_refuse_constant)))
             except json.JSONDecodeError as error:
                 rows.append((f"{path}:{n}", DataError(f"{path}:{n}: not valid JSON ({error.msg}): {line[:60]!r}")))
     entries = []
