@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.reference
 
@@ -51,10 +49,10 @@ def main() -> None:
     import torch
 
     from medsam2_jax.model import sam2 as S
+    from medsam2_jax.model.mask_decoder import mask_decoder
     from medsam2_jax.model.memory_attention import memory_attention
     from medsam2_jax.model.memory_encoder import memory_encoder
     from medsam2_jax.model.prompt_encoder import dense_pe, prompt_encoder
-    from medsam2_jax.model.mask_decoder import mask_decoder
     from tests.reference import reference_image_model
 
     model, params, config = reference_image_model(args.config)
@@ -109,8 +107,8 @@ def main() -> None:
         rows.append(("memory encoder", _median_seconds(ref, args.repeats, tsync), _median_seconds(ours, args.repeats)))
 
     # Prompt encoder + mask decoder
-    def _dec(p, f, h, c, l):
-        sp, de = prompt_encoder(p["sam_prompt_encoder"], cfg, c, l)
+    def _dec(p, f, h, c, labels):
+        sp, de = prompt_encoder(p["sam_prompt_encoder"], cfg, c, labels)
         return mask_decoder(p["sam_mask_decoder"], f, dense_pe(p["sam_prompt_encoder"], cfg), sp, de, True, cfg, h)
 
     jit_dec = jax.jit(_dec)

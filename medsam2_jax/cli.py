@@ -86,8 +86,8 @@ def _model(args) -> Model:
     the shipped weights."""
     import jax
 
-    from medsam2_jax.convert.checkpoint import load_params, read_manifest
     from medsam2_jax import weights
+    from medsam2_jax.convert.checkpoint import load_params, read_manifest
 
     if args.checkpoint:
         info = read_manifest(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
@@ -383,8 +383,8 @@ def cmd_demo(args) -> int:
     from medsam2_jax.evaluation.sets import Structure
     from medsam2_jax.volumes.io import load_label_volume, load_volume
     from medsam2_jax.volumes.montage import truth_montage_slices, write_montage
-    from medsam2_jax.volumes.prompts import build_prompts
     from medsam2_jax.volumes.output import atomic_path
+    from medsam2_jax.volumes.prompts import build_prompts
 
     _check_options(args)
     out_dir = Path(args.out_dir)
@@ -628,7 +628,7 @@ def cmd_evaluate(args) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from medsam2_jax.convert.checkpoint import CheckpointError
-    from medsam2_jax.datasets import DatasetMissingError, DatasetChecksumError
+    from medsam2_jax.datasets import DatasetChecksumError, DatasetMissingError
     from medsam2_jax.volumes.io import VolumeError
     from medsam2_jax.volumes.output import OutputError
     from medsam2_jax.volumes.prompts import PromptError

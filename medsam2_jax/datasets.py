@@ -207,7 +207,7 @@ def _verified(path: Path) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sha256(path: Path, mtime_ns: int, size: int) -> str:
     """Hashed once per file version (mtime and size are part of the cache key)."""
     digest = hashlib.sha256()

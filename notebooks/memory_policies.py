@@ -84,7 +84,7 @@ for name, knobs in POLICIES.items():
     prompt = jax.tree.map(lambda x: np.stack([x]), make_prompt(IMAGE_SIZE, tc.max_points, box=box))
     state0, _ = add_prompt(params, config, stack_states([init_state(config, tc)]), frames[0], prompt, 0,
                            tracker_config=tc)
-    for repeat in range(2):  # the first run compiles; the second is timed
+    for _ in range(2):  # the first run compiles; the second is timed
         start = time.perf_counter()
         rows = [outs["bank_frames"][:, 0] for _, outs, _ in iter_propagate(params, config, state0, frames, 0,
                                                                           tracker_config=tc)]

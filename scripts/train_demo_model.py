@@ -133,10 +133,10 @@ def train_model(manifest: Path, workdir: Path, steps: dict[str, int], stages=STA
     weights (exported to WORKDIR/<variant>/export every time, so they always match its checkpoint),
     the first from `init` (empty: from scratch). A finished stage restores and runs no steps; a
     killed one resumes."""
+    import jax
+
     from medsam2_jax.configs.train import get_config
     from medsam2_jax.training.loop import train
-
-    import jax
 
     # A resumed run loads the compiled train step instead of compiling it again.
     jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))

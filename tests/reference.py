@@ -52,7 +52,7 @@ def make_decisive(model, seed: int = 0) -> None:
         model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_image_model(name: str, seed: int = 0):
     """(official SAM2Base in eval mode, our params, our config), built once per session."""
     import torch
@@ -70,10 +70,9 @@ def reference_image_model(name: str, seed: int = 0):
     return model, params, config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_video_predictor(name: str, seed: int = 0):
     """(official SAM2VideoPredictor sharing the image model's weights, our params, our config)."""
-    import torch
     from sam2.build_sam import build_sam2_video_predictor
 
     model, params, config = reference_image_model(name, seed)

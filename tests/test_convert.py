@@ -33,8 +33,9 @@ def test_key_sets_and_shapes_match_official(name):
 
     The official model is built on the meta device: shapes only, no memory (large is 224 M).
     """
-    from medsam2_jax.convert.table import TRANSFORMS
     from sam2.build_sam import build_sam2
+
+    from medsam2_jax.convert.table import TRANSFORMS
 
     config = get_config(name)
     yaml, overrides = hydra_overrides(config)

@@ -8,7 +8,6 @@ import pytest
 from medsam2_jax import datasets
 
 
-
 @pytest.mark.parametrize("name, shape", [
     ("colin27", (181, 217, 181)), ("colin27_brain", (181, 217, 181)), ("aal", (181, 217, 181)),
     ("brodmann", (181, 217, 181)), ("mni152_t1", (197, 233, 189)), ("mni152_gm", (197, 233, 189)),

@@ -94,8 +94,9 @@ def test_slice_range_and_tolerance():
 
 
 def _synthetic_structure(axis=2):
-    from medsam2_jax.volumes.io import make_volume
     from pathlib import Path
+
+    from medsam2_jax.volumes.io import make_volume
 
     rng = np.random.default_rng(0)
     image = rng.normal(size=(24, 20, 30)).astype(np.float32)

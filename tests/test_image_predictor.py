@@ -12,7 +12,6 @@ binarised masks identical on >= 99.9% of the pixels whose reference logit is > 1
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

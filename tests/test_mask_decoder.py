@@ -10,7 +10,7 @@ import torch
 
 from medsam2_jax.model.mask_decoder import mask_decoder, predict_masks, stability_scores
 from medsam2_jax.model.prompt_encoder import dense_pe, prompt_encoder
-from tests.reference import max_abs, nchw, nhwc, reference_image_model
+from tests.reference import max_abs, nchw, reference_image_model
 
 
 def _inputs(config, seed, b=3):

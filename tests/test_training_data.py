@@ -46,7 +46,8 @@ def _config(manifest, **data_overrides):
     return c
 
 
-def _batches(config, n, shard=grain.sharding.ShardOptions(0, 1), seed=None):
+def _batches(config, n, shard=None, seed=None):
+    shard = shard or grain.sharding.ShardOptions(0, 1)
     if seed is not None:
         config.seed = seed
     it = iter(data.dataset_from_config(config, batch_size=2, shard=shard))
@@ -222,7 +223,6 @@ def test_skip_mode_gives_up_when_nothing_reads(tmp_path):
 
 
 def test_augmented_clip_keeps_labels_with_image():
-    rng = np.random.default_rng(0)
     image = np.zeros(SHAPE, np.float32)
     labels = np.zeros(SHAPE, np.int32)
     labels[:, 6:18, 8:14] = 2

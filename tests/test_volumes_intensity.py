@@ -7,7 +7,6 @@ from medsam2_jax import datasets
 from medsam2_jax.volumes import intensity, io
 
 
-
 @pytest.fixture(scope="module")
 def head_ct():
     return io.load_volume(datasets.invesalius_ct())

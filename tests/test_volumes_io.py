@@ -11,7 +11,6 @@ from medsam2_jax.volumes import io, output
 from medsam2_jax.volumes.io import VolumeError
 
 
-
 @pytest.fixture(scope="module")
 def itk_t1():
     return io.load_volume(datasets.itk_t1_lsa())
@@ -25,8 +24,8 @@ def assert_one_line_naming(error_info, path, *words):
         assert word in message
 
 
-def save_nifti(data, path, affine=np.eye(4)):
-    nib.save(nib.Nifti1Image(data, affine), path)
+def save_nifti(data, path, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
     return path
 
 

@@ -11,7 +11,6 @@ from medsam2_jax.volumes import io, montage, prompts
 from medsam2_jax.volumes.output import OutputError
 
 
-
 @pytest.fixture(scope="module")
 def colin27_with_seeds():
     volume = io.load_volume(datasets.colin27())

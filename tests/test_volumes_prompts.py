@@ -11,7 +11,6 @@ from medsam2_jax.volumes import io, prompts
 from medsam2_jax.volumes.prompts import PromptError
 
 
-
 @pytest.fixture(scope="module")
 def itk_t1():
     return io.load_volume(datasets.itk_t1_lsa())

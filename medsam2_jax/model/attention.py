@@ -105,6 +105,6 @@ def _chunked_attention(q, k, v, key_mask, chunk: int, skip_masked: bool = False)
         carry, _ = jax.lax.scan(lambda c, xs: (update(c, *xs), None), carry, (kc, vc, mc))
     if whole < nk:
         carry = update(carry, k[:, whole:], v[:, whole:], valid[:, whole:])
-    _, l, acc = carry
-    out = acc / l[..., None]
+    _, denominator, acc = carry
+    out = acc / denominator[..., None]
     return out.swapaxes(1, 2).astype(q.dtype)

@@ -7,7 +7,6 @@ do not change the output tokens (the tracker pads prompts to a fixed size to avo
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from medsam2_jax.model import layers

@@ -7,7 +7,6 @@ point, as the official one does when `boxes is None`.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from medsam2_jax.model import layers

@@ -32,8 +32,9 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -234,7 +235,7 @@ class ClipConfig:
     crop_min_side: float = 32.0
 
     @classmethod
-    def from_config(cls, data_config) -> "ClipConfig":
+    def from_config(cls, data_config) -> ClipConfig:
         a = data_config.augment
         return cls(clip_length=data_config.clip_length, objects_per_clip=data_config.objects_per_clip,
                    image_size=data_config.image_size, slice_axis=data_config.slice_axis,
@@ -247,7 +248,7 @@ class ClipConfig:
                    crop_factor=tuple(data_config.get("crop_factor", (2.5, 4.0))),
                    crop_min_side=data_config.get("crop_min_side", 32.0))
 
-    def without_augmentation(self) -> "ClipConfig":
+    def without_augmentation(self) -> ClipConfig:
         return dataclasses.replace(self, **NO_AUGMENTATION)
 
 

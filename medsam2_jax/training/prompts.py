@@ -43,7 +43,7 @@ class PromptConfig:
     prob_from_gt: float = 0.1
 
     @classmethod
-    def from_config(cls, prompt_config) -> "PromptConfig":
+    def from_config(cls, prompt_config) -> PromptConfig:
         return cls(**{f.name: prompt_config[f.name] for f in dataclasses.fields(cls)})
 
 

@@ -24,16 +24,16 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, rng) -> "TrainState":
+    def create(cls, params, tx: optax.GradientTransformation, rng) -> TrainState:
         """`rng` is a key from jax.random.key (or PRNGKey); it is stored as key data."""
         data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=data, tx=tx)
 
-    def next_rng(self) -> tuple["TrainState", jax.Array]:
+    def next_rng(self) -> tuple[TrainState, jax.Array]:
         """A fresh typed key for this step and the state carrying the advanced key."""
         key, sub = jax.random.split(jax.random.wrap_key_data(self.rng))
         return self.replace(rng=jax.random.key_data(key)), sub
 
-    def apply_gradients(self, grads) -> "TrainState":
+    def apply_gradients(self, grads) -> TrainState:
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)

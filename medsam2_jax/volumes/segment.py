@@ -210,7 +210,7 @@ def segment_volume_multi_orientation(volume: Volume, prompts: VolumePrompts, pre
     results = [first]
     for axis in (a for a in range(3) if a != prompts.axis):
         seeds = []
-        for j, obj in enumerate(first.object_ids):
+        for obj in first.object_ids:
             present = first.labels == obj
             along = np.nonzero(present.sum(axis=tuple(a for a in range(3) if a != axis)))[0]
             if along.size == 0:
