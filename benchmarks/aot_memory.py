@@ -248,7 +248,8 @@ def analyse(variant, mesh_shape, *, remat, clips_per_device=1, image_size=0, cli
         "image_size": config.model_config.image_size, "clip_length": config.data.clip_length,
         "objects_per_clip": config.data.objects_per_clip, "compute_dtype": compute_dtype,
         "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))),
-        "params_bytes_total": _shard_bytes(abstract_state.params, jax.tree.map(lambda _: _Whole(), abstract_state.params)),
+        "params_bytes_total": _shard_bytes(abstract_state.params,
+                                           jax.tree.map(lambda _: _Whole(), abstract_state.params)),
         # As lowered: the shardings jit was given, which bind the compiled program's inputs.
         "params_bytes": _shard_bytes(abstract_state.params, shardings.params),
         "opt_state_bytes": _shard_bytes(abstract_state.opt_state, shardings.opt_state),

@@ -119,7 +119,8 @@ def main() -> None:
             return model.sam_mask_decoder(nchw(feat), model.sam_prompt_encoder.get_dense_pe(), sp, de, True, False,
                                           [nchw(h) for h in hr])
 
-        rows.append(("prompt + mask decoder", _median_seconds(ref, args.repeats, tsync), _median_seconds(ours, args.repeats)))
+        rows.append(("prompt + mask decoder", _median_seconds(ref, args.repeats, tsync),
+                     _median_seconds(ours, args.repeats)))
 
     print(f"\n{args.config} at {s_img} px, float32, official on {args.device} ({torch.get_num_threads()} torch "
           f"threads), ours on {jax.devices()[0].platform}, median of {args.repeats}, attention={args.attention}")

@@ -316,5 +316,6 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
                 c.prompts.prob_point_input = 0.6
                 c.prompts.prob_box_input = 0.8
     elif variant not in model_configs.VARIANTS:
-        raise ValueError(f"unknown training variant {variant!r}; choose test or one of: {', '.join(model_configs.VARIANTS)}")
+        raise ValueError(f"unknown training variant {variant!r}; choose test or one of: "
+                         f"{', '.join(model_configs.VARIANTS)}")
     return c

@@ -285,7 +285,8 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON
-        raise CheckpointError(f"{path}: not a readable manifest ({_one_line(error)}); re-export the checkpoint") from None
+        raise CheckpointError(f"{path}: not a readable manifest ({_one_line(error)}); "
+                              "re-export the checkpoint") from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: a manifest is a JSON object; re-export the checkpoint")
     if not isinstance(info.get("config") or "", str) or not isinstance(info.get("inference") or {}, dict):

@@ -92,7 +92,8 @@ def _model(args) -> Model:
     if args.checkpoint:
         info = read_manifest(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
         config = _config(args.config or info.get("config") or "medsam2")
-        return Model(load_params(args.checkpoint, config), config, str(args.checkpoint), dict(info.get("inference", {})))
+        return Model(load_params(args.checkpoint, config), config, str(args.checkpoint),
+                     dict(info.get("inference", {})))
     shipped = weights.default_checkpoint()
     if shipped is not None:
         config = _config(args.config or shipped.config)
@@ -183,7 +184,8 @@ def _parse_z_range(text: str) -> list[float]:
     try:
         first, last = (float(v) for v in text.split(":"))
     except ValueError:
-        raise UserError(f"cannot read --z-range {text!r}; expected Z0:Z1, the structure's first and last slice") from None
+        raise UserError(f"cannot read --z-range {text!r}; expected Z0:Z1, "
+                        "the structure's first and last slice") from None
     return [first, last]
 
 
@@ -256,7 +258,8 @@ def _write_outputs(volume, prompts, result, out: Path, model: Model, args, given
                                extra=extra)
     if not args.no_montage:
         paths["montage"] = write_montage(volume, result.labels, _montage_path(out), prompts=prompts,
-                                         title=f"{Path(volume.source_path).name}: {model.config.name}, {model.checkpoint}")
+                                         title=f"{Path(volume.source_path).name}: {model.config.name}, "
+                                               f"{model.checkpoint}")
     return paths
 
 
@@ -468,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(q):
         q.add_argument("--checkpoint", help="our converted checkpoint folder (medsam2-jax convert); "
                        "default: the weights that ship with the package")
-        q.add_argument("--config", default=None, help="model variant (default: the one in the checkpoint's manifest.json; medsam2 without one)")
+        q.add_argument("--config", default=None, help="model variant (default: the one in the checkpoint's "
+                       "manifest.json; medsam2 without one)")
         q.add_argument("--policy", default="fifo", help="memory policy (default: fifo, SAM 2's)")
 
     def volume_options(q):  # a 3D volume's window, propagation and outputs: segment and demo
@@ -509,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "canonical, voxel indices in RAS+ order; world, millimetres RAS+ (NIfTI's frame); world_lps, "
                    "millimetres LPS+ (a DICOM viewer's). A negative number needs the = form, --box=-23,40,10,60@12 "
                    "(argparse reads a leading '-' as an option)")
-    q.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slice axis (default: the file's third axis)")
+    q.add_argument("--axis", choices=("axial", "coronal", "sagittal"),
+                   help="slice axis (default: the file's third axis)")
     q.add_argument("--z-range", metavar="Z0:Z1",
                    help="the structure's first and last slice (in the prompts' Z): propagation stays inside, "
                    "nothing is segmented beyond (a box plus a slice range, as 3D Slicer's MedSAM plugins ask)")
@@ -537,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train or fine-tune (see: medsam2-jax train --help)", add_help=False)
 
     d = sub.add_parser("demo", help="segment a real brain MRI (Colin27) from one box, end to end",
-                       description="Runs the whole 3D pipeline on the Colin27 T1 (installed by scripts/install_data.sh): "
-                       "one box on the left thalamus, forward and backward propagation, label NIfTI, montage, report.")
+                       description="Runs the whole 3D pipeline on the Colin27 T1 (installed by "
+                       "scripts/install_data.sh): one box on the left thalamus, forward and backward propagation, "
+                       "label NIfTI, montage, report.")
     d.add_argument("--out-dir", default="medsam2_demo", help="where to write the outputs (default: ./medsam2_demo)")
     model_options(d)
     volume_options(d)
@@ -556,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--set", dest="structure_set", default=None,
                    help="a built-in structure set: aal_held_out (default), aal_seen, stardist3d")
-    e.add_argument("--manifest", help="a JSONL/CSV manifest of image/label pairs (the training format) instead of --set")
+    e.add_argument("--manifest",
+                   help="a JSONL/CSV manifest of image/label pairs (the training format) instead of --set")
     e.add_argument("--protocol", choices=("box_largest", "box_central", "click"), default="box_central",
                    help="the one prompt: a box on the largest or the central slice, or a click (default: box_central)")
     e.add_argument("--jitter", type=float, default=0.0,

@@ -27,9 +27,12 @@ ITK_EXAMPLES = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 INVESALIUS_EXAMPLES = Path("/usr/share/doc/invesalius-examples/examples")
 
 SHA256 = {
-    "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz": "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
-    "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz": "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
-    "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz": "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db",
+    "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz":
+        "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+    "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz":
+        "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
+    "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz":
+        "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db",
     "ch2.nii.gz": "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309",
     "ch2bet.nii.gz": "592a2d20abdf36eefcb540ca8958428040edffc1bc1a18ba1dcfbabac77c5dd1",
     "aal.nii.gz": "b512dcd3f36b77f56be7a9a038134096e66314b7e8c31d25875b96bcf6991454",
@@ -202,7 +205,8 @@ def _verified(path: Path) -> Path:
     actual = _sha256(path, path.stat().st_mtime_ns, path.stat().st_size)
     if actual != expected:
         raise DatasetChecksumError(
-            f"{path}: SHA-256 {actual[:12]}... is not the expected {expected[:12]}...; reinstall it with {INSTALL_COMMAND}"
+            f"{path}: SHA-256 {actual[:12]}... is not the expected {expected[:12]}...; "
+            f"reinstall it with {INSTALL_COMMAND}"
         )
     return path
 

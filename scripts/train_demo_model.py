@@ -120,7 +120,8 @@ def _save(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-STAGES = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine")  # configs/train.py variants, in order
+# configs/train.py variants, in order
+STAGES = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop_refine")
 # The prompt-window experiment (configs/train.py): run after STAGES with `--stages
 # demo_crop_images,demo_crop_tracking,demo_crop --init <demo_stop_refine export>`. Not part of the
 # shipped recipe: its stopping stage stopped 2-4 slices after the prompt (the closing note of the
@@ -285,7 +286,8 @@ def _rows_table(results: dict) -> str:
         t, m = r["model"]["range"], r["model"]
         span = "none" if m["range"]["pred_first"] is None else f"{m['range']['pred_first']}-{m['range']['pred_last']}"
         lines.append(f"| {r['structure']} | {t['true_first']}-{t['true_last']} | {m['dice']:.3f} / {m['nsd']:.3f} / "
-                     f"{span} | {r['model_z_range']['dice']:.3f} | {r['copy_mask']['dice']:.3f} | {r['box']['dice']:.3f} |")
+                     f"{span} | {r['model_z_range']['dice']:.3f} | {r['copy_mask']['dice']:.3f} | "
+                     f"{r['box']['dice']:.3f} |")
     return "\n".join(lines)
 
 
@@ -303,8 +305,9 @@ def _stopping(results: dict) -> str:
     s = results["summary"]
     curve = s["model"]["dice_by_distance"]
     at = ", ".join(f"{curve[k]:.2f} at {k}" for k in (1, 5, 10) if k < len(curve) and curve[k] is not None)
-    return (f"- Stopping: on the {s['num_structures']} held-out structures it predicts {s['model']['slices_predicted']:.0f} "
-            f"slices on average against {s['slices_true']:.0f} true ones, ending too early at one end or both on {early} "
+    return (f"- Stopping: on the {s['num_structures']} held-out structures it predicts "
+            f"{s['model']['slices_predicted']:.0f} slices on average against {s['slices_true']:.0f} true ones, "
+            f"ending too early at one end or both on {early} "
             f"and running more than 25% past an end on {late}. The decision is a weak one: which structures end "
             "too early changed from checkpoint to checkpoint. Where it stops early, the slices it leaves out count as "
             f"misses, so the per-slice Dice over the true slices near the prompt is {at} slices from it.")
@@ -345,8 +348,8 @@ def write_card(out: Path) -> None:
         frozen = "; trainable: " + "everything but the image encoder" if c.freeze == (r"^image_encoder\.",) else (
             f"; frozen: `{', '.join(c.freeze)}`" if c.freeze else "")
         stage_lines.append(
-            f"- `configs/train.py:{variant}`: {info.get('steps', {}).get(variant, c.num_steps)} steps of {c.batch_size} "
-            f"{what}; peak lr {c.lr:g} after {c.warmup_steps} warmup steps{frozen}{local}; prompts: box "
+            f"- `configs/train.py:{variant}`: {info.get('steps', {}).get(variant, c.num_steps)} steps of "
+            f"{c.batch_size} {what}; peak lr {c.lr:g} after {c.warmup_steps} warmup steps{frozen}{local}; prompts: box "
             f"{p.prob_point_input * p.prob_box_input:.2f}, click {p.prob_point_input * (1 - p.prob_box_input):.2f}, "
             f"mask {1 - p.prob_point_input:.2f}.")
     stage_lines = "\n".join(stage_lines)
@@ -364,7 +367,8 @@ def write_card(out: Path) -> None:
     held_out = results["eval_held_out"]
     targets = meets_targets(held_out)
     s = held_out["summary"]
-    verdict = ("meets" if all(targets.values()) else "does not meet") + " the targets of the 'model that stops' issue: " + \
+    verdict = ("meets" if all(targets.values()) else "does not meet") + \
+        " the targets of the 'model that stops' issue: " + \
         "; ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'no'}" for k, v in targets.items())
     text = f"""# medsam2_jax demo model
 
@@ -375,7 +379,8 @@ training pipeline trains. It was trained here, from scratch, on one brain.
 ## Model
 - Config `demo` (`configs/model.py`): the SAM 2.1 layout cut down: Hiera trunk with embed dim
   {m.trunk.embed_dim} and stages {tuple(m.trunk.stages)}, one two-way transformer layer in the mask decoder (MLP
-  {m.mask_decoder.transformer_mlp_dim}), one memory-attention layer (feed-forward {m.memory_attention.dim_feedforward}), {m.num_maskmem} memories, image size
+  {m.mask_decoder.transformer_mlp_dim}), one memory-attention layer (feed-forward \
+{m.memory_attention.dim_feedforward}), {m.num_maskmem} memories, image size
   {m.image_size} px. {manifest['num_params']:,} parameters, float32, {size_mb:.1f} MB on disk (Orbax).
 - Unlike SAM 2.1: a box also enters as a dense mask prompt (`box_mask_prompt`), and tracked frames
   use the single-mask output (`multimask_output_for_tracking` {m.multimask_output_for_tracking}).
@@ -387,7 +392,8 @@ Installed offline by `scripts/install_data.sh` (shared/DATA.md); nothing is down
 - Colin27 single-subject T1 (`mricron-data` `ch2.nii.gz`) with its AAL atlas regions, except the
   held-out structures below, which are set to background in the training labels.
 - The MNI152 2009a T1 template (nilearn) with its white matter (`wm > 127`) as one object.
-- Synthetic: {SYNTHETIC_VOLUMES} volumes (the two T1s in turn), each with {SYNTHETIC_BLOBS} random ellipsoids painted in at random
+- Synthetic: {SYNTHETIC_VOLUMES} volumes (the two T1s in turn), each with {SYNTHETIC_BLOBS} random ellipsoids \
+painted in at random
   intensities, each ellipsoid one object.
 
 Held out (both hemispheres, never a training object or prompt): {held}.
@@ -468,11 +474,13 @@ def main(argv=None) -> int:
         stages = tuple(args.stages.split(",")) if args.stages else STAGES
         unknown = [v for v in stages if v not in STAGES + CROP_STAGES]
         if unknown or (stages[0] != STAGES[0] and not args.init):
-            raise SystemExit(f"--stages: give consecutive stages of {', '.join(STAGES + CROP_STAGES)}; a later start needs "
-                             f"--init (the previous stage's export){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+            raise SystemExit(f"--stages: give consecutive stages of {', '.join(STAGES + CROP_STAGES)}; "
+                             "a later start needs --init (the previous stage's export)"
+                             f"{'; unknown: ' + ', '.join(unknown) if unknown else ''}")
         config, state, seconds = train_model(manifest, workdir, steps, stages, args.init)
         info = {"config": f"configs/train.py:{stages[-1]}", "stages": list(stages), "steps": steps,
-                "init": portable(args.init, workdir) if args.init else None, "train_seconds_this_run": seconds, "resumed": resumed,
+                "init": portable(args.init, workdir) if args.init else None, "train_seconds_this_run": seconds,
+                "resumed": resumed,
                 "train_minutes": {v: training_minutes(workdir / v, config.log_every) for v in stages},
                 "held_out": HELD_OUT, "manifest": [{k: portable(v, workdir) for k, v in json.loads(x).items()}
                                                      for x in manifest.read_text().splitlines()]}
@@ -485,8 +493,9 @@ def main(argv=None) -> int:
         step, params = latest_params(workdir / STAGES[-1])
         if step is None:
             raise SystemExit(f"no checkpoint in {workdir / STAGES[-1]}: run the train stage first")
-        export(params, get_config(STAGES[-1]), out, {"config": f"configs/train.py:{STAGES[-1]}", "steps": {STAGES[-1]: int(step)},
-                                                 "exported_from": str(workdir), "held_out": HELD_OUT})
+        export(params, get_config(STAGES[-1]), out, {"config": f"configs/train.py:{STAGES[-1]}",
+                                                     "steps": {STAGES[-1]: int(step)},
+                                                     "exported_from": str(workdir), "held_out": HELD_OUT})
         print(f"weights of step {step}: {out}")
     if args.stage in ("all", "evaluate"):
         results = evaluate(out)
@@ -494,7 +503,8 @@ def main(argv=None) -> int:
         summary = {stem: r["summary"] for stem, r in results.items()}
         targets = meets_targets(held_out)
         (out / "eval.json").write_text(json.dumps({"targets": targets, "means": {
-            stem: {m: {k: v for k, v in x.items() if k != "dice_by_distance"} for m, x in s.items() if isinstance(x, dict)}
+            stem: {m: {k: v for k, v in x.items() if k != "dice_by_distance"}
+                   for m, x in s.items() if isinstance(x, dict)}
             for stem, s in summary.items()}}, indent=1, allow_nan=False, default=str) + "\n")
         write_card(out)
         print(f"model card: {out / 'MODEL_CARD.md'}")

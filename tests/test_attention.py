@@ -30,10 +30,12 @@ def test_masked_keys_contribute_exactly_nothing(impl):
     mask = np.zeros((2, k.shape[1]), bool)
     mask[0, :5000] = True
     mask[1, 4000:4100] = True
-    out = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), impl=impl))
+    out = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                                           impl=impl))
     for b in range(2):
         sel = mask[b]
-        ref = dot_product_attention(jnp.asarray(q[b:b + 1]), jnp.asarray(k[b:b + 1, sel]), jnp.asarray(v[b:b + 1, sel]), impl="xla")
+        ref = dot_product_attention(jnp.asarray(q[b:b + 1]), jnp.asarray(k[b:b + 1, sel]), jnp.asarray(v[b:b + 1, sel]),
+                                    impl="xla")
         assert np.abs(out[b] - np.asarray(ref)[0]).max() < 1e-5
 
 

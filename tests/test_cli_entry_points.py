@@ -130,7 +130,8 @@ def test_a_manifest_crop_that_is_no_window_factor_is_a_user_error(crop):
     assert cli._crop(SimpleNamespace(crop=None), cli.Model(None, None, "ck", {"crop": 3})) == 3.0
 
 
-@pytest.mark.parametrize("env, expected", [({}, "home/.cache/medsam2_jax/xla"), ({"MEDSAM2_JAX_CACHE": "data"}, "data/xla"),
+@pytest.mark.parametrize("env, expected", [({}, "home/.cache/medsam2_jax/xla"),
+                                           ({"MEDSAM2_JAX_CACHE": "data"}, "data/xla"),
                                            ({"MEDSAM2_JAX_COMPILE_CACHE": "0"}, None),
                                            ({"MEDSAM2_JAX_COMPILE_CACHE": "xla2"}, "xla2"),
                                            ({"jax": "jax"}, "jax")])

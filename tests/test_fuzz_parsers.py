@@ -304,13 +304,15 @@ def nifti_file(draw, path: Path) -> Path:
             header[f"srow_{'xyz'[row]}"] = srow
         elif field == "qform":
             header["qform_code"], header["sform_code"] = 1, draw(st.sampled_from([0, 1]))
-            header[draw(st.sampled_from(["quatern_b", "quatern_c", "quatern_d", "qoffset_x"]))] = draw(ODD_FLOAT | st.floats(-2, 2))
+            header[draw(st.sampled_from(["quatern_b", "quatern_c", "quatern_d", "qoffset_x"]))] = \
+                draw(ODD_FLOAT | st.floats(-2, 2))
         elif field == "pixdim":
             header["pixdim"][draw(st.integers(0, 4))] = draw(ODD_FLOAT)
         elif field == "scl":
             header["scl_slope"], header["scl_inter"] = draw(ODD_FLOAT | st.just(1.0)), draw(ODD_FLOAT | st.just(0.0))
         elif field == "codes":  # no sform and no qform: the affine comes from pixdim alone
-            header["sform_code"], header["qform_code"] = draw(st.sampled_from([0, 5, -1])), draw(st.sampled_from([0, 7]))
+            header["sform_code"], header["qform_code"] = (draw(st.sampled_from([0, 5, -1])),
+                                                          draw(st.sampled_from([0, 7])))
         elif field == "datatype":
             header["datatype"] = draw(st.sampled_from([0, 1, 128, 1536, 2048, 2304, 32767]))
         else:  # a dim that does not match the data written
@@ -362,7 +364,8 @@ def dicom_input(draw, folder: Path) -> Path:
     header = {"ImageOrientationPatient": draw(st.sampled_from(ORIENTATIONS)), "PixelSpacing": [1.0, 0.5],
               "RescaleSlope": 1, "RescaleIntercept": 0, "SpacingBetweenSlices": 2.0 if multi_frame else None,
               "BitsAllocated": 16, "PixelRepresentation": 0, "SamplesPerPixel": 1}
-    odd = draw(st.lists(st.sampled_from(sorted(header) + ["position", "uid", "size", "pixels"]), max_size=2, unique=True))
+    odd = draw(st.lists(st.sampled_from(sorted(header) + ["position", "uid", "size", "pixels"]),
+                        max_size=2, unique=True))
     for name in odd:
         if name in header:
             header[name] = draw(st.sampled_from([8, 32, 12, 3]) if name.startswith(("Bits", "Samples", "PixelR"))
@@ -440,7 +443,8 @@ def manifest_text(draw) -> tuple[str, str]:
                              | st.text(max_size=10))) for _ in range(draw(st.integers(0, 4)))]
         return ".jsonl", "\n".join(lines)
     header = draw(mostly(st.sampled_from(["image,label", "image,label,objects,axis,window", " image , label ,axis"]),
-                         st.sampled_from(["", "img,lbl", "image", "image,label,,", "#image,label"]) | st.text(max_size=10)))
+                         st.sampled_from(["", "img,lbl", "image", "image,label,,", "#image,label"])
+                         | st.text(max_size=10)))
     columns = max(len(header.split(",")), 1)
     rows = [",".join(draw(CSV_CELL) for _ in range(draw(mostly(st.just(columns), st.integers(0, columns + 2)))))
             for _ in range(draw(st.integers(0, 4)))]
@@ -448,7 +452,8 @@ def manifest_text(draw) -> tuple[str, str]:
 
 
 @settings(FUZZ, max_examples=100)
-@given(manifest=manifest_text(), binary=mostly(st.none(), st.binary(max_size=12)), on_bad_record=st.sampled_from(["raise", "skip"]))
+@given(manifest=manifest_text(), binary=mostly(st.none(), st.binary(max_size=12)),
+       on_bad_record=st.sampled_from(["raise", "skip"]))
 # Found by an exploring run: int(inf) raised OverflowError, not a DataError.
 @example(manifest=(".jsonl", '{"image": "a.nii.gz", "label": "a_seg.nii.gz", "axis": Infinity}'), binary=None,
          on_bad_record="raise")
@@ -490,8 +495,8 @@ def abstract_params_once():
     original = checkpoint.abstract_params
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "abstract_params",
-                      lambda config: cache.setdefault(config.name, None) or cache.update({config.name: original(config)})
-                      or cache[config.name])
+                      lambda config: cache.setdefault(config.name, None)
+                      or cache.update({config.name: original(config)}) or cache[config.name])
         yield
 
 
@@ -533,7 +538,8 @@ def checkpoint_bytes(draw, path: Path) -> Path:
 @given(data=st.data())
 def test_checkpoint_files(workdir, data):
     out_dir = _fresh(workdir / "convert_out")
-    path = data.draw(checkpoint_bytes(_fresh(workdir / "convert_in") / data.draw(st.sampled_from(["ck.pt", "ck.safetensors", "ck"]))))
+    path = data.draw(checkpoint_bytes(_fresh(workdir / "convert_in")
+                                      / data.draw(st.sampled_from(["ck.pt", "ck.safetensors", "ck"]))))
     code, errors = run_cli(["convert", str(path), str(out_dir / "converted"), "--config", "test"])
     assert_works_or_one_line(code, errors, out_dir, ("converted",))
 

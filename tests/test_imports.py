@@ -19,7 +19,8 @@ def _modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             name = ".".join([package] + parts)
-            if name.startswith("medsam2_jax.weights") or (package == "medsam2_jax" and parts[:1] in (["configs"], ["convert"])):
+            if (name.startswith("medsam2_jax.weights")
+                    or (package == "medsam2_jax" and parts[:1] in (["configs"], ["convert"]))):
                 continue
             found[name] = path
     return found

@@ -32,7 +32,8 @@ def test_conv_transpose_matches_torch():
     torch.manual_seed(0)
     m = torch.nn.ConvTranspose2d(6, 4, 2, 2)
     x = np.random.default_rng(2).standard_normal((2, 5, 7, 6)).astype(np.float32)
-    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 0, 1)), "bias": jnp.asarray(m.bias.detach().numpy())}
+    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 0, 1)),
+         "bias": jnp.asarray(m.bias.detach().numpy())}
     assert max_abs(layers.conv_transpose_2x2(p, jnp.asarray(x)), nhwc(m(nchw(x)))) < 1e-5
 
 
@@ -41,7 +42,8 @@ def test_conv_explicit_padding_matches_torch(stride, padding, groups):
     torch.manual_seed(0)
     m = torch.nn.Conv2d(8, 16, 7 if padding == 3 else 3 if padding == 1 else 1, stride, padding, groups=groups)
     x = np.random.default_rng(3).standard_normal((1, 33, 32, 8)).astype(np.float32)
-    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)), "bias": jnp.asarray(m.bias.detach().numpy())}
+    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)),
+         "bias": jnp.asarray(m.bias.detach().numpy())}
     assert max_abs(layers.conv(p, jnp.asarray(x), stride, padding, groups), nhwc(m(nchw(x)))) < 1e-5
 
 
@@ -58,7 +60,8 @@ def test_depthwise_conv_matches_torch():
     torch.manual_seed(0)
     m = torch.nn.Conv2d(16, 16, 7, 1, 3, groups=16)
     x = np.random.default_rng(5).standard_normal((2, 12, 10, 16)).astype(np.float32)
-    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)), "bias": jnp.asarray(m.bias.detach().numpy())}
+    p = {"kernel": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)),
+         "bias": jnp.asarray(m.bias.detach().numpy())}
     assert max_abs(layers.depthwise_conv(p, jnp.asarray(x), 3), nhwc(m(nchw(x)))) < 1e-5
 
 

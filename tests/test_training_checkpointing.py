@@ -45,8 +45,8 @@ def _iterator(config):
 def _state(config, seed):
     rng = np.random.default_rng(seed)
     params = {
-        "image_encoder": {"trunk": {"blocks": [{"mlp": {"layers": [{"kernel": rng.normal(size=(8, 16)).astype(np.float32),
-                                                                   "bias": np.zeros(16, np.float32)}]}}]}},
+        "image_encoder": {"trunk": {"blocks": [{"mlp": {"layers": [
+            {"kernel": rng.normal(size=(8, 16)).astype(np.float32), "bias": np.zeros(16, np.float32)}]}}]}},
         "sam_mask_decoder": {"iou_token": rng.normal(size=(1, 16)).astype(np.float32)},
         "sam_prompt_encoder": {"pe_layer": {"positional_encoding_gaussian_matrix": np.ones((2, 4), np.float32)}},
     }

@@ -108,7 +108,8 @@ def test_hosts_read_disjoint_entries(volumes):
 
 
 def test_csv_manifest(volumes, tmp_path):
-    lines = ["image,label,axis,objects"] + [f"{volumes}/image{i}.nii.gz,{volumes}/label{i}.nii.gz,axial,7" for i in range(2)]
+    lines = ["image,label,axis,objects"] + [f"{volumes}/image{i}.nii.gz,{volumes}/label{i}.nii.gz,axial,7"
+                                            for i in range(2)]
     (tmp_path / "m.csv").write_text("\n".join(lines))
     entries = data.read_manifest(tmp_path / "m.csv")
     assert [(e.axis, e.objects) for e in entries] == [(2, (7,)), (2, (7,))]

@@ -294,7 +294,8 @@ def test_initial_state_applies_the_local_memory_attention_init():
     mesh = sharding.make_mesh(config.mesh_shape)
     abstract = jax.eval_shape(lambda k: init_params(k, config.model_config), jax.random.key(0))
     tx = make_optimizer(abstract, config)
-    shardings = sharding.state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), abstract),
+    shardings = sharding.state_shardings(jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)),
+                                                        abstract),
                                          tx, mesh, config.sharding_rules, min_size_mb=config.fsdp_min_size_mb)
     plain = loop.initial_state(config, tx, shardings).params
     config.local_memory_attention_init = True

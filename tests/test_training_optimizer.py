@@ -110,7 +110,8 @@ def test_adamw_step_frozen_parts_and_clipping(config):
     c.freeze = (r"^image_encoder\.neck\.",)
     c.warmup_steps = 0
     c.clip_norm = 1e9  # first: no clipping, to check AdamW itself
-    params = random_params(c.model_config, keep=r"^(image_encoder\.(trunk\.blocks\.[01]|neck)|sam_prompt_encoder|no_mem_embed)")
+    params = random_params(c.model_config,
+                           keep=r"^(image_encoder\.(trunk\.blocks\.[01]|neck)|sam_prompt_encoder|no_mem_embed)")
     rng = np.random.default_rng(1)
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
     groups = optimizer.param_groups(params, c)

@@ -54,7 +54,8 @@ def test_specs_are_valid(variant, fsdp_size):
 def test_rule_table_first_match_wins_and_explicit_specs():
     leaf = jax.ShapeDtypeStruct((64, 128), np.float32)
     rules = ((r"decoder", ("fsdp", None)), (r"\.kernel$", "fsdp"), (r".*", "replicate"))
-    assert sharding.partition_spec("decoder.kernel", leaf, rules, fsdp_size=4, min_size_mb=0) == PartitionSpec("fsdp", None)
+    assert (sharding.partition_spec("decoder.kernel", leaf, rules, fsdp_size=4, min_size_mb=0)
+            == PartitionSpec("fsdp", None))
     assert sharding.partition_spec("x.kernel", leaf, rules, fsdp_size=4, min_size_mb=0) == PartitionSpec(None, "fsdp")
     assert sharding.partition_spec("x.bias", leaf, rules, fsdp_size=4, min_size_mb=0) == PartitionSpec()
     with pytest.raises(ValueError, match="no sharding rule"):
@@ -103,7 +104,8 @@ EIGHT_DEVICES = textwrap.dedent(
     flat = {p: rng.normal(0, 0.05, x.shape).astype(np.float32) for p, x in flatten_params(abstract).items()}
     params = {"image_encoder": unflatten_params(flat, abstract)["image_encoder"],
               "obj_ptr_proj": unflatten_params(flat, abstract)["obj_ptr_proj"],
-              "sam_mask_decoder": {"transformer": {"layers": [unflatten_params(flat, abstract)["sam_mask_decoder"]["transformer"]["layers"][0]]}},
+              "sam_mask_decoder": {"transformer": {"layers": [
+                  unflatten_params(flat, abstract)["sam_mask_decoder"]["transformer"]["layers"][0]]}},
               "no_mem_embed": flat["no_mem_embed"]}
     tx = make_optimizer(params, config)
     batch = {"x": rng.normal(size=(16, 256)).astype(np.float32), "y": rng.normal(size=(16, 256)).astype(np.float32)}
@@ -146,7 +148,8 @@ EIGHT_DEVICES = textwrap.dedent(
             np.testing.assert_allclose(a, b, atol=1e-6)
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params))]
-    moved = float(np.max(np.abs(np.asarray(single.params["obj_ptr_proj"]["layers"][0]["kernel"]) - params["obj_ptr_proj"]["layers"][0]["kernel"])))
+    moved = float(np.max(np.abs(np.asarray(single.params["obj_ptr_proj"]["layers"][0]["kernel"])
+                                - params["obj_ptr_proj"]["layers"][0]["kernel"])))
     assert moved > 1e-4, moved
     print("max param diff", max(diffs), "losses", losses8)
     assert max(diffs) <= 1e-5, max(diffs)

@@ -26,7 +26,8 @@ def test_window_is_square_in_mm_centred_on_the_prompts_and_at_least_the_minimum(
     assert (crop.height, crop.width) == (60, 30)
     assert crop.row + (crop.height - 1) / 2 == pytest.approx(12.5, abs=0.5)
     assert crop.col + (crop.width - 1) / 2 == pytest.approx(24.5, abs=0.5)
-    assert prompt_crop(_prompts(box), (1.0, 2.0), 1.0, min_mm=100) == Crop(crop.row + 30 - 50, crop.col + 15 - 25, 100, 50)
+    assert (prompt_crop(_prompts(box), (1.0, 2.0), 1.0, min_mm=100)
+            == Crop(crop.row + 30 - 50, crop.col + 15 - 25, 100, 50))
     # Points (negative clicks left out when there is a positive one) and masks count too.
     click = SlicePrompt(2, 4, points=np.array([[5, 5], [70, 50]], np.float32), point_labels=np.array([1, 0]))
     mask = np.zeros((60, 80), bool)

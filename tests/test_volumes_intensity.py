@@ -85,7 +85,8 @@ def test_model_input_frames():
     rgb = frames * intensity.IMAGENET_STD + intensity.IMAGENET_MEAN
     np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-5)  # grey in every channel
     flat = intensity.slices_to_model_input(np.full((4, 5, 6), 0.25, np.float32), axis=0, image_size=16)
-    np.testing.assert_allclose(flat, np.broadcast_to((0.25 - intensity.IMAGENET_MEAN) / intensity.IMAGENET_STD, flat.shape), atol=1e-5)
+    np.testing.assert_allclose(flat, np.broadcast_to((0.25 - intensity.IMAGENET_MEAN) / intensity.IMAGENET_STD,
+                                                     flat.shape), atol=1e-5)
 
 
 def test_frames_follow_np_take_along_the_axis():

@@ -55,7 +55,8 @@ def test_label_round_trip_on_real_volumes(tmp_path, name):
     for value in (1, 2):  # and the same world coordinates, through either grid
         world_in = nib.affines.apply_affine(source.affine, np.argwhere(drawn == value)).mean(axis=0)
         world_canonical = nib.affines.apply_affine(volume.affine, np.argwhere(canonical == value)).mean(axis=0)
-        world_out = nib.affines.apply_affine(written.affine, np.argwhere(np.asarray(written.dataobj) == value)).mean(axis=0)
+        world_out = nib.affines.apply_affine(written.affine,
+                                             np.argwhere(np.asarray(written.dataobj) == value)).mean(axis=0)
         np.testing.assert_allclose(world_canonical, world_in, atol=1e-4)
         np.testing.assert_allclose(world_out, world_in, atol=1e-4)
     assert sorted(os.listdir(tmp_path)) == ["drawn.nii.gz", "labels.nii.gz"]
@@ -85,7 +86,8 @@ def test_4d_input_with_one_volume_gets_its_shape_back(tmp_path):
 
 def test_segmentation_outputs_and_sidecar(tmp_path):
     volume = io.load_volume(datasets.itk_t1_lsa())
-    volume_prompts = prompts.build_prompts(volume, [{"id": 1, "points": [[40, 30, 50]]}, {"id": 2, "points": [[60, 60, 40]]}])
+    volume_prompts = prompts.build_prompts(volume, [{"id": 1, "points": [[40, 30, 50]]},
+                                                    {"id": 2, "points": [[60, 60, 40]]}])
     labels = np.zeros(volume.shape, np.int32)
     labels[20:40, 10:20, 30:40], labels[50:60, 30:40, 60:70] = 1, 2
     probabilities = np.stack([labels == 1, labels == 2], axis=-1).astype(np.float32)

@@ -248,8 +248,10 @@ def markdown(results: dict, title: str = "Evaluation") -> str:
     ms = methods(rows)
     o = results["options"]
     lines = [f"# {title}", "",
-             f"Protocol `{o['protocol']}`" + (f" with box jitter {o['jitter']:g} (seed {o['seed']})" if o["jitter"] else "")
-             + (f", the model shown a window {o['crop']:g}x the prompt on every slice (`--crop`)" if o.get("crop") else "")
+             f"Protocol `{o['protocol']}`"
+             + (f" with box jitter {o['jitter']:g} (seed {o['seed']})" if o["jitter"] else "")
+             + (f", the model shown a window {o['crop']:g}x the prompt on every slice (`--crop`)"
+                if o.get("crop") else "")
              + f", memory policy `{results['policy']}`, NSD tolerance {o['tolerance_mm']:g} mm, "
              f"{summary['num_structures']} structures.", "",
              "## Means", "",

@@ -45,7 +45,8 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
     return distances(pred, ref, spacing, 1), distances(ref, pred, spacing, 1)
 
 
-def surface_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> tuple[float, float]:
+def surface_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                   tolerance_mm: float) -> tuple[float, float]:
     """(NSD at `tolerance_mm`, HD95) from one computation of the surface distances."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if not pred.any() and not ref.any():

@@ -192,7 +192,8 @@ def dynamic_multimask_via_stability(all_masks, all_ious, config):
     best_masks = jnp.take_along_axis(multi_masks, best[:, None, None, None], axis=1)
     best_ious = jnp.take_along_axis(multi_ious, best[:, None], axis=1)
     single_masks, single_ious = all_masks[:, :1], all_ious[:, :1]
-    stable = stability_scores(single_masks, md.dynamic_multimask_stability_delta) >= md.dynamic_multimask_stability_thresh
+    stable = (stability_scores(single_masks, md.dynamic_multimask_stability_delta)
+              >= md.dynamic_multimask_stability_thresh)
     masks = jnp.where(stable[..., None, None], single_masks, best_masks)
     ious = jnp.where(stable, single_ious, best_ious)
     return masks, ious
@@ -205,7 +206,8 @@ def mask_decoder(p, image_embeddings, image_pe, sparse, dense, multimask_output,
     Returns (masks (B, M, 4s, 4s), iou_pred (B, M), sam_tokens_out, object_score_logits (B, 1)).
     The tracker, which decides multimask per frame inside a scan, uses `predict_masks` directly.
     """
-    masks, iou, tokens, obj = predict_masks(p, image_embeddings, image_pe, sparse, dense, config, high_res_features, token_mask)
+    masks, iou, tokens, obj = predict_masks(p, image_embeddings, image_pe, sparse, dense, config, high_res_features,
+                                            token_mask)
     md = config.mask_decoder
     if multimask_output:
         masks, iou = masks[:, 1:], iou[:, 1:]

@@ -121,5 +121,6 @@ def local_cross_attention_init(params, config, magnitude: float = 6.0, pairs_per
             cross[name] = dict(cross[name], bias=bias.astype(cross[name]["bias"].dtype))
         return dict(layer, cross_attn_image=cross)
 
-    memory_attention = dict(params["memory_attention"], layers=[set_biases(lp) for lp in params["memory_attention"]["layers"]])
+    memory_attention = dict(params["memory_attention"],
+                            layers=[set_biases(lp) for lp in params["memory_attention"]["layers"]])
     return dict(params, memory_attention=memory_attention)

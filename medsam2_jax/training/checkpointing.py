@@ -71,7 +71,8 @@ def abstract_like(state, shardings=None):
     """ShapeDtypeStructs of `state` (with `shardings`, a matching pytree, when given): the
     restore target, which also decides where the restored arrays live."""
     if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            state)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 

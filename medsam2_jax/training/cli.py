@@ -108,7 +108,8 @@ def check_config(config) -> None:
         raise ConfigError(f"data.image_size {config.data.image_size} differs from the model's "
                           f"{config.model_config.image_size}")
     if not config.data.manifest:
-        raise ConfigError("no training data: give --config.data.manifest=FILE.jsonl (or set data.manifest in the config)")
+        raise ConfigError("no training data: give --config.data.manifest=FILE.jsonl "
+                          "(or set data.manifest in the config)")
     for field in ("manifest", "val_manifest"):
         path = config.data[field]
         if path and not Path(path).is_file():

@@ -103,7 +103,8 @@ def _entry(index: int, fields: dict, base: Path, where: str) -> Entry:
         raise DataError(f"{where}: missing {' and '.join(missing)}; each entry needs an image and a label path")
     not_paths = [k for k in ("image", "label") if not isinstance(fields[k], str)]
     if not_paths:
-        raise DataError(f"{where}: {not_paths[0]} {fields[not_paths[0]]!r} is not a path; give the file's path as a string")
+        raise DataError(f"{where}: {not_paths[0]} {fields[not_paths[0]]!r} is not a path; "
+                        "give the file's path as a string")
     objects = fields.get("objects") or ()
     if isinstance(objects, str):
         objects = [o for o in objects.replace(";", " ").split() if o]
@@ -146,7 +147,8 @@ def read_manifest(path, on_bad_record: str = "raise") -> list[Entry]:
     try:
         text = path.read_text()
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not text (byte {error.start} is not UTF-8); a manifest is JSONL or CSV text") from None
+        raise DataError(f"{path}: not text (byte {error.start} is not UTF-8); "
+                        "a manifest is JSONL or CSV text") from None
     if path.suffix.lower() == ".csv":
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         reader = csv.DictReader(lines)

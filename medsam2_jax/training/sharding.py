@@ -86,7 +86,8 @@ def _fsdp_spec(shape, fsdp_size: int, min_size_mb: float, itemsize: int) -> Part
     return PartitionSpec(*spec)
 
 
-def partition_spec(path: str, leaf, rules=DEFAULT_RULES, *, fsdp_size: int = 1, min_size_mb: float = 4.0) -> PartitionSpec:
+def partition_spec(path: str, leaf, rules=DEFAULT_RULES, *, fsdp_size: int = 1,
+                   min_size_mb: float = 4.0) -> PartitionSpec:
     """The PartitionSpec of one leaf (anything with .shape and .dtype) under the rule table."""
     for pattern, rule in rules:
         if not re.search(pattern, path):

@@ -89,7 +89,8 @@ def window_level_width(window: str | None, level: float | None, width: float | N
         if level is not None or width is not None:
             raise ValueError(f"give a window name ({window!r}) or a level/width, not both")
         if window not in CT_WINDOWS:
-            raise ValueError(f"unknown CT window {window!r}; choose one of {', '.join(CT_WINDOWS)} or give level and width")
+            raise ValueError(f"unknown CT window {window!r}; choose one of {', '.join(CT_WINDOWS)} "
+                             "or give level and width")
         return CT_WINDOWS[window]
     if level is None or width is None:
         raise ValueError("a CT window needs both a level and a width in HU (or a window name)")

@@ -76,7 +76,8 @@ def load_label_volume(path: str | Path, reference: Volume) -> np.ndarray:
         raise VolumeError(f"{path}: no such file; check the path of the label volume")
     image = _open_nifti(path)
     data = _squeeze_to_3d(_read_nifti_data(image, path), path)
-    if data.shape != reference.original_shape[:3] or not np.allclose(image.affine, reference.original_affine, atol=1e-3):
+    if (data.shape != reference.original_shape[:3]
+            or not np.allclose(image.affine, reference.original_affine, atol=1e-3)):
         raise VolumeError(
             f"{path}: label grid {data.shape} does not match the image {reference.source_path} "
             f"{reference.original_shape[:3]}; the labels must be drawn on the image's own grid"
@@ -106,7 +107,8 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim == 3 and image.shape[-1] != 3:
-        raise VolumeError(f"{path}: a stack of {image.shape[0]} images where one 2D image is needed; split it into single images")
+        raise VolumeError(f"{path}: a stack of {image.shape[0]} images where one 2D image is needed; "
+                          "split it into single images")
     if image.ndim not in (2, 3):
         raise VolumeError(f"{path}: has {image.ndim} dimensions where a 2D image is needed; give a single 2D image")
     image = image.astype(np.float32)

@@ -41,7 +41,8 @@ def truth_montage_slices(truth: np.ndarray, axis: int, prompted: tuple[int, ...]
     labelled = np.nonzero(per_slice)[0]
     if not labelled.size:
         return inside
-    outside = [labelled[0] - step * k for k in range(1, beyond + 1)] + [labelled[-1] + step * k for k in range(1, beyond + 1)]
+    outside = ([labelled[0] - step * k for k in range(1, beyond + 1)]
+               + [labelled[-1] + step * k for k in range(1, beyond + 1)])
     return sorted(set(inside) | {int(k) for k in outside if 0 <= k < truth.shape[axis]})
 
 
@@ -123,7 +124,8 @@ def _draw_prompt(ax, prompt: SlicePrompt, colour) -> None:
                    linewidths=1.0, origin="lower")
 
 
-def _legend(figure, object_ids: list[int], names: dict[int, str], colours: dict[int, tuple], truth: bool = False) -> None:
+def _legend(figure, object_ids: list[int], names: dict[int, str], colours: dict[int, tuple],
+            truth: bool = False) -> None:
     from matplotlib.lines import Line2D
 
     if not object_ids:

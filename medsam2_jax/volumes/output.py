@@ -57,7 +57,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_suffix(target))
     except OSError as error:
-        raise OutputError(f"{target}: cannot write in {target.parent} ({error.strerror}); choose another folder") from error
+        raise OutputError(f"{target}: cannot write in {target.parent} ({error.strerror}); "
+                          "choose another folder") from error
     os.close(handle)
     # mkstemp makes the file 0600 and the rename keeps that: give it what a plain open would.
     umask = os.umask(0)
@@ -182,7 +183,8 @@ def _save(image, path: str | Path) -> Path:
 
 def _check_grid(volume: Volume, shape: tuple[int, ...], what: str) -> None:
     if tuple(shape) != volume.shape:
-        raise OutputError(f"{what} of shape {tuple(shape)} do not fit the canonical grid {volume.shape} of {volume.source_path}")
+        raise OutputError(f"{what} of shape {tuple(shape)} do not fit the canonical grid {volume.shape} "
+                          f"of {volume.source_path}")
 
 
 def _label_dtype(labels: np.ndarray):
@@ -193,7 +195,8 @@ def _label_dtype(labels: np.ndarray):
 
 
 def _json_numbers(values: Sequence[float] | None) -> list[float | None]:
-    return [None if v is None or not math.isfinite(float(v)) else float(v) for v in (values if values is not None else [])]
+    return [None if v is None or not math.isfinite(float(v)) else float(v)
+            for v in (values if values is not None else [])]
 
 
 def _suffix(path: Path) -> str:

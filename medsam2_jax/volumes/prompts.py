@@ -213,7 +213,8 @@ def load_prompt_file(path: str | Path, volume: Volume) -> VolumePrompts:
     except RecursionError:
         raise PromptError(f"{path}: JSON nested too deeply for a prompt file; see the schema in prompts.py") from None
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
-        raise PromptError(f"{path}: a prompt file is a JSON object with an 'objects' list; see the schema in prompts.py")
+        raise PromptError(f"{path}: a prompt file is a JSON object with an 'objects' list; "
+                          "see the schema in prompts.py")
     if data.get("version", PROMPT_FILE_VERSION) != PROMPT_FILE_VERSION:
         raise PromptError(f"{path}: prompt file version {data['version']} is not {PROMPT_FILE_VERSION}")
     try:
@@ -235,10 +236,12 @@ def prompts_from_seed_labels(volume: Volume, seed_labels: np.ndarray, *, axis: s
         raise PromptError(f"prompt_with must be 'box' or 'mask', got {prompt_with!r}")
     seed_labels = np.asarray(seed_labels)
     if seed_labels.shape != volume.shape:
-        raise PromptError(f"seed label shape {seed_labels.shape} is not the volume's {volume.shape}; draw it on the image's grid")
+        raise PromptError(f"seed label shape {seed_labels.shape} is not the volume's {volume.shape}; "
+                          "draw it on the image's grid")
     values = [int(v) for v in np.unique(seed_labels) if v != 0]
     if not values:
-        raise PromptError(f"the seed label volume for {volume.source_path} is empty (all zero); label at least one object")
+        raise PromptError(f"the seed label volume for {volume.source_path} is empty (all zero); "
+                          "label at least one object")
     frames = np.moveaxis(seed_labels, axis, 0)
     prompts = [_seed_prompt(frames == value, value, prompt_with) for value in values]
     return make_volume_prompts(volume, prompts, axis, {v: f"label {v}" for v in values})
@@ -294,7 +297,8 @@ def _object_slice_prompts(volume: Volume, entry: Mapping, object_id: int, space:
     if not points and not boxes:
         raise PromptError(f"object {object_id} has no points and no boxes; give at least one")
     if not isinstance(boxes, (list, tuple)):
-        raise PromptError(f"object {object_id}: boxes must be a list [[[x0, y0, z0], [x1, y1, z1]], ...], got {boxes!r}")
+        raise PromptError(f"object {object_id}: boxes must be a list [[[x0, y0, z0], [x1, y1, z1]], ...], "
+                          f"got {boxes!r}")
     prompts = []
     if points:
         prompts += _point_prompts(volume, object_id, points, entry.get("point_labels"), space, axis, notes=notes)
@@ -319,7 +323,8 @@ def _point_prompts(volume: Volume, object_id: int, points, labels, space: str, a
     slices = np.rint(canonical[:, axis]).astype(int)
     in_plane = _in_plane_xy(canonical, axis)
     return [
-        SlicePrompt(object_id, int(k), points=in_plane[slices == k].astype(np.float32), point_labels=labels[slices == k])
+        SlicePrompt(object_id, int(k), points=in_plane[slices == k].astype(np.float32),
+                    point_labels=labels[slices == k])
         for k in np.unique(slices)
     ]
 
@@ -331,7 +336,8 @@ def _box_prompt(volume: Volume, object_id: int, box, space: str, axis: int, *, n
     # box given the other way round is sorted below and said to be.
     high_first = [name for c, name in enumerate("XYZ") if c != along and corners[1, c] < corners[0, c]]
     if high_first:
-        notes.append(f"object {object_id}: box corners given as {' and '.join(f'{n}1<{n}0' for n in high_first)}; sorted")
+        notes.append(f"object {object_id}: box corners given as "
+                     f"{' and '.join(f'{n}1<{n}0' for n in high_first)}; sorted")
     whole = _on_whole_slices(volume, corners, space, axis, f"object {object_id}: box", notes)
     canonical = to_canonical_voxels(volume, whole, space)
     _check_inside(volume, canonical, corners, space, f"object {object_id}: box corner")
@@ -392,9 +398,11 @@ def _check_in_volume(prompt: SlicePrompt, num_slices: int, slice_shape: tuple[in
     if prompt.box is not None:
         x0, y0, x1, y1 = prompt.box
         if not _xy_inside(prompt.box.reshape(2, 2), width, height):
-            raise PromptError(f"{where}: box {prompt.box.tolist()} reaches outside the {width}x{height} slice; keep it inside")
+            raise PromptError(f"{where}: box {prompt.box.tolist()} reaches outside the {width}x{height} slice; "
+                              "keep it inside")
         if x1 <= x0 or y1 <= y0:
-            raise PromptError(f"{where}: box {prompt.box.tolist()} has zero area; give two opposite corners of the object")
+            raise PromptError(f"{where}: box {prompt.box.tolist()} has zero area; "
+                              "give two opposite corners of the object")
     if prompt.mask is not None and (prompt.mask.shape != slice_shape or not prompt.mask.any()):
         raise PromptError(f"{where}: the mask is empty or not {height}x{width}; give a mask on the slice's grid")
 
@@ -472,7 +480,8 @@ def _shape_text(shape: tuple[int, int]) -> str:
 def _object_id(entry: Mapping) -> int:
     object_id = entry.get("id") if isinstance(entry, Mapping) else None
     if isinstance(object_id, bool) or not isinstance(object_id, int) or not 1 <= object_id <= MAX_OBJECT_ID:
-        raise PromptError(f"each object needs an integer 'id' from 1 to {MAX_OBJECT_ID} (its label value), got {entry!r}")
+        raise PromptError(f"each object needs an integer 'id' from 1 to {MAX_OBJECT_ID} (its label value), "
+                          f"got {entry!r}")
     return object_id
 
 
@@ -489,5 +498,6 @@ def _slice_prompt_json(prompt: SlicePrompt) -> dict:
         entry["box"] = prompt.box.tolist()
     if prompt.mask is not None:
         rows, cols = np.nonzero(prompt.mask)
-        entry["mask"] = {"pixels": int(rows.size), "bbox": [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]}
+        entry["mask"] = {"pixels": int(rows.size),
+                         "bbox": [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]}
     return entry

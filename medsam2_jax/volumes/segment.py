@@ -76,7 +76,8 @@ def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress) -> tup
         unit = np.take(unit, np.arange(lo, hi + 1), axis=axis)
     # Slices reach the model resolution a chunk at a time, as tracking asks for them.
     frames = Frames(unit.shape[axis],
-                    lambda idx: intensity.slices_to_model_input(np.take(unit, idx, axis=axis), axis, predictor.image_size))
+                    lambda idx: intensity.slices_to_model_input(np.take(unit, idx, axis=axis), axis,
+                                                                predictor.image_size))
     state = predictor.init_state(frames, normalized=True, video_hw=prompts.slice_shape)
     for p in prompts.prompts:
         if p.mask is not None:

@@ -122,7 +122,8 @@ def check_geometry(affine: np.ndarray, path: Path) -> None:
     with np.errstate(over="ignore"):
         sizes = np.linalg.norm(affine[:3, :3], axis=0)
     if not (np.isfinite(affine).all() and np.isfinite(sizes).all()):
-        raise VolumeError(f"{path}: the voxel-to-world affine holds NaN, Inf or overflowing values; fix the file's geometry")
+        raise VolumeError(f"{path}: the voxel-to-world affine holds NaN, Inf or overflowing values; "
+                          "fix the file's geometry")
     if sizes.min() == 0 or np.linalg.matrix_rank(affine[:3, :3] / sizes) < 3:
         raise VolumeError(f"{path}: the voxel-to-world affine is singular (a voxel axis with no size, or two along "
                           "one direction); fix the file's geometry")
