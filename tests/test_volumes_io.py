@@ -158,6 +158,16 @@ def test_non_finite_voxels(tmp_path, bad_value):
     assert_one_line_naming(error, path, "NaN or Inf")
 
 
+def test_voxels_beyond_float32_are_refused(tmp_path):
+    # float64 data the model's float32 cannot hold (a fuzz run found them becoming NaN inputs)
+    data = np.random.default_rng(0).normal(size=(8, 9, 10))
+    data[3, 4, 5] = 1e300
+    path = save_nifti(data, tmp_path / "huge.nii.gz")
+    with pytest.raises(VolumeError) as error:
+        io.load_volume(path)
+    assert_one_line_naming(error, path, "1 voxels", "float32 range")
+
+
 def test_constant_volume(tmp_path):
     path = save_nifti(np.full((8, 9, 10), 7, np.int16), tmp_path / "flat.nii.gz")
     with pytest.raises(VolumeError) as error:

@@ -86,6 +86,10 @@ def make_volume(
     check_geometry(affine, source_path)
     to_canonical = orientations.ornt_transform(_ornt_of(affine), _canonical_ornt())
     canonical = orientations.apply_orientation(data, to_canonical).astype(np.float32)
+    if not np.isfinite(canonical).all():
+        bad = int(canonical.size - np.count_nonzero(np.isfinite(canonical)))
+        raise VolumeError(f"{source_path}: {bad} voxels lie beyond the float32 range (magnitude above 3.4e38), which "
+                          "the model reads; rescale the image")
     canonical_affine = affine @ orientations.inv_ornt_aff(to_canonical, data.shape)
     if original_header is None:
         original_header = _header_for(data, affine)
