@@ -282,7 +282,11 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
             # stardist nuclei 0.392: a tie with the shipped model, so not shipped. The object score
             # of demo_crop_tracking is flat (1-1.6 on every slice but the prompted one, 9.5), and
             # under the self_sorting policy even demo_crop never stops (its bank keeps confident,
-            # present frames only).
+            # present frames only). Shifting that blend's object-score bias by delta (stop steps
+            # 300/400, a 0.7-0.8, delta -4 to +2; the 4 seen structures) never beat delta 0 (0.288):
+            # on tracked slices the score sits between -0.4 and +2 and falls with the distance from
+            # the prompt, not at the structure's end, so a shift stops small structures on the
+            # prompted slice (delta -0.2: amygdala) before it stops large ones (precentral, cerebellum).
             c.data.crop_prob = 0.8
             c.data.crop_factor = (2.5, 4.0)
             c.inference_crop = 3.0
