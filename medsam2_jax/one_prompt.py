@@ -23,7 +23,7 @@ from medsam2_jax.tracker import config as tracker_config_lib
 from medsam2_jax.tracker import propagate
 from medsam2_jax.tracker import step as step_lib
 from medsam2_jax.tracker.prompts import make_prompt
-from medsam2_jax.tracker.state import init_state
+from medsam2_jax.tracker.state import CondFrames, state_from_history
 
 
 def one_prompt_scan(params, config, policy, frames, prompt):
@@ -39,11 +39,16 @@ def one_prompt_scan(params, config, policy, frames, prompt):
         "vision_pos_enc": feats["vision_pos_enc"][0],
         "high_res_features": None if feats["high_res_features"] is None else [h[i, 0] for h in feats["high_res_features"]],
     }
-    state = init_state(config, policy.tracker_config, policy)
-    state, first = step_lib.step(params, config, state, frame(0), 0, n, False, prompt, policy=policy)
+    first = step_lib.prompted_outputs(params, config, frame(0), prompt, 0, n)
+    template = CondFrames(frame=jnp.zeros((1,), jnp.int32), mem=first["maskmem_features"][None],
+                          ptr=first["obj_ptr"][None], mask=first["low_res_masks"][None],
+                          score=first["object_score_logits"][None], valid=jnp.ones((1,), bool))
+    state = state_from_history(config, policy.tracker_config, policy, template)
 
     def body(st, i):
-        return step_lib.track_frame(params, config, st, frame(i), i, n, False, True, policy)
+        st, out = step_lib.track_frame(params, config, st, frame(i), i, n, False, True, policy)
+        out.pop("entry_extras")  # what a stored history would need: nothing replays this scan
+        return st, out
 
     state, outs = jax.lax.scan(body, state, jnp.arange(1, n))
     return state, outs, first["low_res_masks"]

@@ -23,16 +23,23 @@ T, N, SIZE = 6, 2, 64
 
 
 class CountingFifo(Fifo):
-    """SAM 2's ring, plus a count of the writes it was offered and accepted."""
+    """SAM 2's ring, plus a count of the writes it was offered and accepted (the bank: both)."""
 
     name = "counting_fifo"
 
     def init(self):
-        return jnp.zeros((), jnp.int32)
+        return super().init(), jnp.zeros((), jnp.int32)
 
     def write(self, state, entry, active):
-        state = super().write(state, entry, active)
-        return state.replace(bank=state.bank + jnp.asarray(active, jnp.int32))
+        ring, count = state.bank
+        ring = super().write(state.replace(bank=ring), entry, active).bank
+        return state.replace(bank=(ring, count + jnp.asarray(active, jnp.int32)))
+
+    def read(self, state, query):
+        return super().read(state.replace(bank=state.bank[0]), query)
+
+    def held_frames(self, state):
+        return super().held_frames(state.replace(bank=state.bank[0]))
 
 
 register_policy("counting_fifo", CountingFifo)

@@ -10,12 +10,18 @@ The bookkeeping (per-object prompt and output dicts, temporary outputs of intera
 preflight, which frames are conditioning frames, tracking direction per frame) is the official
 one, line for line, so interactive refinement and forward-then-reverse runs behave the same.
 The computation is the functional tracker: a click or mask runs `step.prompt_frame`; a
-propagation builds each object's fixed-size `TrackerState` from the stored outputs around the
-start frame and runs the chunked, compiled `lax.scan` (`propagate.iter_propagate`) for all
-objects at once, streaming outputs back to the host store.
+propagation builds each object's fixed-size `TrackerState` from the stored outputs
+(`state.state_from_history`: the prompted frames pinned, the memory policy's writes replayed over
+the tracked frames behind the start frame, farthest first, as a pass in this direction would have
+made them) and runs the chunked, compiled `lax.scan` (`propagate.iter_propagate`) for all objects
+at once, streaming outputs back to the host store. So every policy carries its bank across calls:
+a propagation split in two equals one, and a reverse pass or a correction after a propagation
+starts from the bank the policy's rule gives on the frames tracked so far.
 
 Like the official predictor, the host store keeps every tracked frame's memory (bfloat16) so a
-later call can start anywhere (`release_frame` drops one that no call will start near); the device
+later call can start anywhere (`release_frame` drops one that no call will start near), plus what
+the policy's write reads besides (`policy.entry_extras`: nothing for fifo; for self_sorting the
+frame's confidence and, with `query_source="image"`, its image features); the device
 only ever holds one chunk and the fixed-size state, and the host one chunk of model-resolution
 frames (`Frames`: the video is resized and normalised as tracking reaches it). Cond slots are sized
 to the prompts; empty slots and the prompted frame itself cost no compute.
@@ -24,7 +30,9 @@ Hole filling is not applied (the official predictor skips it on CPU: it needs CU
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from collections import OrderedDict
 
 import jax
@@ -34,10 +42,11 @@ import numpy as np
 from medsam2_jax.model import layers
 from medsam2_jax.model.sam2 import NO_OBJ_SCORE
 from medsam2_jax.tracker import config as tracker_config_lib
+from medsam2_jax.tracker.policies import Entry
 from medsam2_jax.tracker.prompts import make_prompt
 from medsam2_jax.tracker.propagate import compiled, iter_propagate, processing_order
+from medsam2_jax.tracker.state import CondFrames, stack_states
 from medsam2_jax.tracker.state import init_state as empty_bank
-from medsam2_jax.tracker.state import pointer_slots, recent_slots
 
 COND, NON_COND = "cond_frame_outputs", "non_cond_frame_outputs"
 
@@ -169,10 +178,11 @@ class VideoPredictor:
         for out in inference_state["output_dict_per_obj"].values():
             o = out[NON_COND].get(frame_idx)
             if o is not None:
-                out[NON_COND][frame_idx] = dict(o, maskmem_features=None, pred_masks=None)
+                out[NON_COND][frame_idx] = dict(o, maskmem_features=None, pred_masks=None, entry_extras=None)
 
     def reset_state(self, inference_state):
-        """Remove all objects, inputs and outputs."""
+        """Remove all objects, inputs and outputs (and so every memory bank: banks are rebuilt from
+        the outputs at each call)."""
         for key in ("obj_id_to_idx", "obj_idx_to_id", "obj_ids", "point_inputs_per_obj", "mask_inputs_per_obj",
                     "output_dict_per_obj", "temp_output_dict_per_obj", "frames_tracked_per_obj"):
             inference_state[key].clear()
@@ -213,39 +223,61 @@ class VideoPredictor:
         return 1 << max(most - 1, 0).bit_length()
 
     def memory_window(self) -> int:
-        """How many tracked frames before a start frame a propagation reads (memories, pointers)."""
-        return max(recent_slots(self.config), pointer_slots(self.config))
+        """How many tracked frames before a start frame a propagation reads: fifo's reach
+        (memories, pointers); every stored frame (`sys.maxsize`) for a policy that may keep any."""
+        reach = self.fns.policy.history_reach
+        return sys.maxsize if reach is None else reach
 
-    def _bank(self, st, obj_idx, frame_idx, reverse, fresh=False):
-        """The `TrackerState` that tracking from `frame_idx` in this direction reads.
+    def memory_state(self, inference_state, frame_idx, reverse=False):
+        """The memory (a `TrackerState`, objects stacked) that tracking from `frame_idx` in this
+        direction starts from: each object's prompted frames, and its policy's bank rebuilt from
+        the frames tracked so far."""
+        return stack_states([self._state(inference_state, i, frame_idx, reverse)
+                             for i in range(len(inference_state["obj_ids"]))])
 
-        Policies other than fifo keep their own bank (`state.bank`): a propagation starts it empty
-        (`fresh`), so each pass fills it with what it tracks [choice]; a correction on a tracked
-        frame reads the bank the last propagation of this object ended with.
-        """
-        out = st["output_dict_per_obj"][obj_idx]
-        cond, non_cond = out[COND], out[NON_COND]
+    def _state(self, st, obj_idx, frame_idx, reverse):
+        """The `TrackerState` that tracking this object from `frame_idx` in this direction starts
+        from: its prompted frames pinned, and the policy's bank rebuilt from the tracked frames
+        behind `frame_idx` (`_history`)."""
+        rows = list(st["output_dict_per_obj"][obj_idx][COND].items())
         kc = self._cond_slots(st)
-        b = {f: np.array(getattr(self._empty, f)) for f in self._empty.__dataclass_fields__ if f != "bank"}
-        for f in ("cond_mem", "cond_ptr", "cond_mask", "cond_score", "cond_frame", "cond_valid"):
-            b[f] = np.repeat(b[f][:1], kc, axis=0)  # empty slots, as many as the prompts need
-        b["bank"] = self._empty.bank if fresh else st.setdefault("policy_banks", {}).get(obj_idx, self._empty.bank)
-        for i, (t, o) in enumerate(cond.items()):
-            b["cond_mem"][i] = o["maskmem_features"]
-            b["cond_ptr"][i], b["cond_mask"][i], b["cond_score"][i] = o["obj_ptr"], o["pred_masks"], o["object_score_logits"]
-            b["cond_frame"][i], b["cond_valid"][i] = t, True
+
+        def column(field, key):
+            pad = np.zeros_like(np.asarray(getattr(self._empty, field))[0])
+            return np.stack([np.asarray(o[key]) for _, o in rows] + [pad] * (kc - len(rows)))
+
+        cond = CondFrames(frame=np.array([t for t, _ in rows] + [-1] * (kc - len(rows)), np.int32),
+                          mem=column("cond_mem", "maskmem_features"), ptr=column("cond_ptr", "obj_ptr"),
+                          mask=column("cond_mask", "pred_masks"), score=column("cond_score", "object_score_logits"),
+                          valid=np.arange(kc) < len(rows))
+        history, valid = self._history(st["output_dict_per_obj"][obj_idx][NON_COND], frame_idx, reverse)
+        return self.fns.restore(cond, history, valid)
+
+    def _history(self, non_cond, frame_idx, reverse):
+        """(stacked `Entry`, valid) of the stored tracked frames behind `frame_idx` in tracking
+        direction, farthest first (within the policy's `history_reach`), padded to a power of two;
+        (None, None) when there is none. Released frames, and frames whose output lacks what the
+        policy's write reads (a correction's output holds no `entry_extras`), are left out."""
         sign = -1 if reverse else 1
-        k, p = recent_slots(self.config), pointer_slots(self.config)
-        for d in range(1, self.memory_window() + 1):
-            t = frame_idx - sign * d
-            o = non_cond.get(t)
-            if o is None or o["maskmem_features"] is None:  # untracked, or released
-                continue
-            if d <= k:
-                b["mem"][t % k], b["mem_frame"][t % k], b["mem_valid"][t % k] = o["maskmem_features"], t, True
-            if d <= p:
-                b["ptr"][t % p], b["ptr_frame"][t % p], b["ptr_valid"][t % p] = o["obj_ptr"], t, True
-        return type(self._empty)(**b)
+        reach = self.memory_window()
+        extras = self.fns.policy.entry_extras
+        behind = sorted(((frame_idx - t) * sign, t) for t, o in non_cond.items()
+                        if 1 <= (frame_idx - t) * sign <= reach and o["maskmem_features"] is not None
+                        and (not extras or o.get("entry_extras") is not None))
+        if not behind:
+            return None, None
+        unused = {f.name: None for f in dataclasses.fields(Entry)}
+        entries = [Entry(**dict(unused, mem=non_cond[t]["maskmem_features"], ptr=non_cond[t]["obj_ptr"],
+                                frame=np.int32(t), **(non_cond[t].get("entry_extras") or {})))
+                   for _, t in reversed(behind)]
+        n = len(entries)
+        size = 1 << (n - 1).bit_length()  # a handful of compiled lengths
+
+        def padded(*rows):
+            rows = np.stack(rows)
+            return np.concatenate([rows, np.zeros((size - n, *rows.shape[1:]), rows.dtype)])
+
+        return jax.tree.map(padded, *entries), np.arange(size) < n
 
     # ------------------------------------------------------------------------------------------
     # Interactions
@@ -285,7 +317,7 @@ class VideoPredictor:
             prev_out = next((d[frame_idx] for d in out_dicts if frame_idx in d), None)
             if prev_out is not None and prev_out["pred_masks"] is not None:
                 prev = np.clip(prev_out["pred_masks"], -32.0, 32.0)
-        bank = self._empty if (init_cond or has_mask) else self._bank(st, obj_idx, frame_idx, reverse)
+        bank = self._empty if (init_cond or has_mask) else self._state(st, obj_idx, frame_idx, reverse)
         feats = self._get_image_feature(st, frame_idx)
         out = self.fns.interact(self.params, bank, feats, prompt, np.int32(frame_idx), np.int32(st["num_frames"]),
                                 np.bool_(reverse), prev, init_cond=init_cond or has_mask, has_mask=has_mask)
@@ -384,10 +416,9 @@ class VideoPredictor:
         order = processing_order(st["num_frames"], start_frame_idx, max_frame_num_to_track, reverse)
         if not order:
             return
-        banks = [self._bank(st, i, start_frame_idx, reverse, fresh=True) for i in range(n_obj)]
-        state = jax.tree.map(lambda *xs: np.stack(xs), *banks)
-        for idx, outs, state in iter_propagate(self.params, self.config, state, st["images"], start_frame_idx,
-                                           reverse, max_frame_num_to_track, self.tracker_config):
+        state = self.memory_state(st, start_frame_idx, reverse)
+        for idx, outs, _ in iter_propagate(self.params, self.config, state, st["images"], start_frame_idx,
+                                       reverse, max_frame_num_to_track, self.tracker_config):
             for j, frame_idx in enumerate(idx):
                 masks = []
                 for obj_idx in range(n_obj):
@@ -401,11 +432,8 @@ class VideoPredictor:
                             "pred_masks": pred,
                             "obj_ptr": outs["obj_ptr"][j, obj_idx],
                             "object_score_logits": outs["object_score_logits"][j, obj_idx],
+                            "entry_extras": {k: v[j, obj_idx] for k, v in outs["entry_extras"].items()},
                         }
                     st["frames_tracked_per_obj"][obj_idx][frame_idx] = {"reverse": reverse}
                     masks.append(pred)
                 yield frame_idx, obj_ids, self._video_res(st, np.stack(masks))
-            if state.bank is not None:
-                host = jax.tree.map(np.asarray, state.bank)
-                st.setdefault("policy_banks", {}).update(
-                    {i: jax.tree.map(lambda x, i=i: x[i], host) for i in range(n_obj)})

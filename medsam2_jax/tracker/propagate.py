@@ -131,11 +131,17 @@ class Compiled:
             TRACE_COUNTS["memory"] += 1
             return step_lib.prompt_memory(params, c, features, low_res, score)
 
+        def restore(cond, history, history_valid):
+            TRACE_COUNTS["restore"] += 1
+            return state_lib.state_from_history(c, tc, policy, cond, history, history_valid,
+                                                cond_slots=cond.frame.shape[0])
+
         self.chunk = jax.jit(chunk)
         self.add_prompt = jax.jit(add_prompt)
         self.interact = jax.jit(interact, static_argnames=("init_cond", "has_mask"))
         self.features = jax.jit(features1)
         self.memory = jax.jit(memory)
+        self.restore = jax.jit(restore)
         self.resize = jax.jit(lambda x, hw: layers.resize_bilinear(x, hw, antialias=False), static_argnums=1)
         self._more: dict = {}
 
@@ -196,7 +202,8 @@ def iter_propagate(params, config, state: TrackerState, frames, start_frame_idx:
     (n, S, S, 3) for an index array, such as `predictor.Frames`, which makes them a chunk at a
     time. Only a chunk is on the device (and, with `Frames`, on the host) at a time.
     Outputs per frame: low_res_masks (O, 4s, 4s, 1), object_score_logits (O, 1), obj_ptr (O, C),
-    maskmem_features (O, s, s, Cm) bfloat16, is_cond (O,).
+    maskmem_features (O, s, s, Cm) bfloat16, is_cond (O,), bank_frames and entry_extras (what the
+    memory policy's write read besides memory and pointer: `step.track_frame`).
     """
     fns = compiled(config, tracker_config)
     size = fns.tracker_config.chunk_size

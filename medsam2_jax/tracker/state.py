@@ -4,10 +4,10 @@ Every field has its final shape from the start; empty slots have `frame = -1`, `
 and are masked out of memory attention, where they contribute exactly zero. Several objects
 stack along a leading object axis.
 
-Slots of the recent ring are addressed by frame index (`frame mod size`), not by write order, and
-a read checks the stored frame index: this is what SAM 2 does with its dict of per-frame outputs
-(it looks up frames t-1 .. t-6 in tracking direction), restricted to the frames such a lookup
-can reach. A sequential scan writes every frame, so the ring always holds the frames it needs.
+The tracker pins prompted (conditioning) frames itself; everything else is the memory policy's
+`bank` (`policies`: fifo's ring of recent frames, self_sorting's sorted bank, ...). A state is
+made empty by `init_state`, or from stored outputs by `state_from_history`: the prompted frames
+pinned, then the policy's `write` replayed over the tracked frames in the order they were tracked.
 """
 
 from __future__ import annotations
@@ -30,59 +30,95 @@ class TrackerState:
     cond_score: jax.Array  # (Kc, 1) object-score logit
     cond_frame: jax.Array  # (Kc,) int32, -1 where empty
     cond_valid: jax.Array  # (Kc,) bool
-    # Recent non-conditioning frames: spatial memories and, over a longer window, pointers.
-    mem: jax.Array  # (K, s, s, Cm) bfloat16
-    mem_frame: jax.Array  # (K,) int32
-    mem_valid: jax.Array  # (K,) bool
-    ptr: jax.Array  # (P, C)
-    ptr_frame: jax.Array  # (P,) int32
-    ptr_valid: jax.Array  # (P,) bool
-    # The memory policy's own entries (`policies`): None for fifo, which uses the ring above.
-    bank: Any = None
+    # The memory policy's entries (`policies.make_policy(...).init()`).
+    bank: Any
+
+    # Views of the policy's bank: every built-in bank holds spatial memories `mem` (K, s, s, Cm);
+    # fifo's ring also `mem_frame` and `mem_valid`.
+    @property
+    def mem(self):
+        return self.bank.mem
+
+    @property
+    def mem_frame(self):
+        return self.bank.mem_frame
+
+    @property
+    def mem_valid(self):
+        return self.bank.mem_valid
+
+
+@struct.dataclass
+class CondFrames:
+    """Prompted frames' stored outputs, stacked along a leading axis: what `state_from_history`
+    pins (`valid` False: an unused row)."""
+
+    frame: jax.Array  # (n,) int32
+    mem: jax.Array  # (n, s, s, Cm)
+    ptr: jax.Array  # (n, C)
+    mask: jax.Array  # (n, 4s, 4s, 1) low-res mask logits
+    score: jax.Array  # (n, 1) object-score logit
+    valid: jax.Array  # (n,) bool
 
 
 def recent_slots(config) -> int:
-    """K: the farthest frame a read can reach, (num_maskmem - 2) * stride + 1 (6 for SAM 2)."""
+    """K of fifo: the farthest frame a read can reach, (num_maskmem - 2) * stride + 1 (6 for SAM 2)."""
     return (config.num_maskmem - 2) * config.memory_temporal_stride_for_eval + 1
 
 
 def pointer_slots(config) -> int:
-    """P: non-conditioning pointers read from frames t-1 .. t-(max_obj_ptrs_in_encoder-1)."""
+    """P of fifo: non-conditioning pointers read from frames t-1 .. t-(max_obj_ptrs_in_encoder-1)."""
     return max(config.max_obj_ptrs_in_encoder - 1, 1)
 
 
-def init_state(config, tracker_config, policy=None) -> TrackerState:
-    """An empty bank for one object; `jax.tree.map(lambda x: jnp.stack([x] * n), ...)` for n.
+def _policy_for(config, tracker_config, policy):
+    if policy is not None:
+        return policy
+    from medsam2_jax.tracker.policies import make_policy  # policies build on this module
 
-    `policy` (`policies.make_policy(config, tracker_config)`) fills `bank`; it may be left out for
-    fifo, which keeps its ring in the state's own fields. (Policies build on this module, not the
-    other way round.)
+    return make_policy(config, tracker_config)
+
+
+def init_state(config, tracker_config, policy=None, cond_slots: int | None = None) -> TrackerState:
+    """An empty bank for one object; `stack_states([state] * n)` for n.
+
+    `policy` (`policies.make_policy(config, tracker_config)`, made here when left out) fills
+    `bank`; `cond_slots` defaults to `tracker_config.max_cond_frames`.
     """
-    if policy is None and tracker_config.memory_policy != "fifo":
-        raise ValueError(f"init_state for memory policy {tracker_config.memory_policy!r} needs the policy: "
-                         "pass policies.make_policy(config, tracker_config), or use medsam2_jax.tracker.init_state")
+    policy = _policy_for(config, tracker_config, policy)
     s = config.image_size // config.backbone_stride
-    kc, k, p = tracker_config.max_cond_frames, recent_slots(config), pointer_slots(config)
-    c, cm = config.hidden_dim, config.mem_dim
-    empty = lambda n: (-jnp.ones((n,), jnp.int32), jnp.zeros((n,), bool))
-    cond_frame, cond_valid = empty(kc)
-    mem_frame, mem_valid = empty(k)
-    ptr_frame, ptr_valid = empty(p)
+    kc = tracker_config.max_cond_frames if cond_slots is None else cond_slots
     return TrackerState(
-        cond_mem=jnp.zeros((kc, s, s, cm), MEMORY_DTYPE),
-        cond_ptr=jnp.zeros((kc, c), jnp.float32),
+        cond_mem=jnp.zeros((kc, s, s, config.mem_dim), MEMORY_DTYPE),
+        cond_ptr=jnp.zeros((kc, config.hidden_dim), jnp.float32),
         cond_mask=jnp.zeros((kc, 4 * s, 4 * s, 1), jnp.float32),
         cond_score=jnp.zeros((kc, 1), jnp.float32),
-        cond_frame=cond_frame,
-        cond_valid=cond_valid,
-        mem=jnp.zeros((k, s, s, cm), MEMORY_DTYPE),
-        mem_frame=mem_frame,
-        mem_valid=mem_valid,
-        ptr=jnp.zeros((p, c), jnp.float32),
-        ptr_frame=ptr_frame,
-        ptr_valid=ptr_valid,
-        bank=None if policy is None else policy.init(),
+        cond_frame=-jnp.ones((kc,), jnp.int32),
+        cond_valid=jnp.zeros((kc,), bool),
+        bank=policy.init(),
     )
+
+
+def state_from_history(config, tracker_config, policy, cond: CondFrames, history=None, history_valid=None,
+                       cond_slots: int | None = None) -> TrackerState:
+    """The state after pinning the prompted frames `cond` (in row order) and offering the tracked
+    frames `history` to `policy`, in the order they were tracked.
+
+    `history`: a stacked `policies.Entry` (H, ...) with the fields the policy's `write` reads
+    (`mem`, `ptr`, `frame` and the policy's `entry_extras`; the others may be None), or None;
+    `history_valid` (H,) bool marks real rows (padding writes nothing). Pure and traceable: the
+    predictor calls it to start a propagation from its store, the training step and `one_prompt`
+    to pin their prompted frames.
+    """
+    policy = _policy_for(config, tracker_config, policy)
+    state = init_state(config, tracker_config, policy, cond_slots)
+    for i in range(cond.frame.shape[0]):
+        state = write_cond(state, cond.frame[i], cond.mem[i], cond.ptr[i], cond.mask[i], cond.score[i],
+                           write=cond.valid[i])
+    if history is not None:
+        valid = jnp.ones(history.frame.shape, bool) if history_valid is None else history_valid
+        state, _ = jax.lax.scan(lambda st, x: (policy.write(st, *x), None), state, (history, valid))
+    return state
 
 
 def stack_states(states) -> TrackerState:
@@ -115,21 +151,7 @@ def write_cond(state: TrackerState, frame_idx, mem, ptr, mask, score, write=True
 
 
 def write_recent(state: TrackerState, frame_idx, mem, ptr, write=True) -> TrackerState:
-    """A tracked (non-conditioning) frame enters the recent ring at slot `frame mod K`."""
-    k, p = state.mem.shape[0], state.ptr.shape[0]
-    frame_idx = jnp.asarray(frame_idx, jnp.int32)
-    ms, ps = jnp.mod(frame_idx, k), jnp.mod(frame_idx, p)
-    return state.replace(
-        mem=_put(state.mem, ms, mem, write),
-        mem_frame=_put(state.mem_frame, ms, frame_idx, write),
-        mem_valid=_put(state.mem_valid, ms, jnp.asarray(True), write),
-        ptr=_put(state.ptr, ps, ptr, write),
-        ptr_frame=_put(state.ptr_frame, ps, frame_idx, write),
-        ptr_valid=_put(state.ptr_valid, ps, jnp.asarray(True), write),
-    )
+    """fifo: a tracked frame enters the ring of recent frames (`policies.fifo.write_ring`)."""
+    from medsam2_jax.tracker.policies.fifo import write_ring
 
-
-def lookup_recent(frames, valid, target):
-    """(slot, found) of `target` frame indices in a ring addressed by `frame mod size`."""
-    slot = jnp.mod(target, frames.shape[0])
-    return slot, valid[slot] & (frames[slot] == target)
+    return state.replace(bank=write_ring(state.bank, frame_idx, mem, ptr, write))

@@ -1,11 +1,11 @@
 """One frame of SAM 2 tracking for one object, as pure functions over `TrackerState`.
 
 `step` is `SAM2Base.track_step` as the official video predictor drives it:
-  - a frame without a prompt reads the bank (all conditioning frames, the `num_maskmem - 1`
-    frames before it in tracking direction, object pointers), runs memory attention with empty
-    slots masked, the SAM heads, the object pointer and the memory encoder, and enters the
-    recent ring; a frame that is already a conditioning frame replays its stored output, as
-    `propagate_in_video` does;
+  - a frame without a prompt reads the bank (all conditioning frames, then what the memory
+    policy reads: for fifo the `num_maskmem - 1` frames before it in tracking direction and their
+    object pointers), runs memory attention with empty slots masked, the SAM heads, the object
+    pointer and the memory encoder, and is offered to the policy's bank; a frame that is already
+    a conditioning frame replays its stored output, as `propagate_in_video` does;
   - a prompted frame (points, a box, or a mask) is an initial conditioning frame: no memory,
     `no_mem_embed` added, and its memory is encoded the way `propagate_in_video_preflight` does
     it (from the low-res logits upsampled, binarised as "from points"), then pinned.
@@ -23,7 +23,7 @@ from medsam2_jax.model import layers, sam2
 from medsam2_jax.model.memory_attention import memory_attention
 from medsam2_jax.model.position_encoding import sine_1d, sine_2d
 from medsam2_jax.tracker.policies import Entry, Query
-from medsam2_jax.tracker.policies.fifo import Fifo, pointer_normaliser, pointer_targets, recent_targets
+from medsam2_jax.tracker.policies.fifo import Fifo, FifoBank, pointer_normaliser, pointer_targets, recent_targets
 from medsam2_jax.tracker.state import MEMORY_DTYPE, TrackerState, write_cond
 
 
@@ -36,11 +36,22 @@ def _batch1(features):
 
 
 def _policy(config, state, policy):
+    """`policy`, or SAM 2's fifo when left out (then the state must hold fifo's bank)."""
     if policy is not None:
         return policy
-    if state.bank is not None:
-        raise ValueError("this state holds a policy's bank: pass the policy (policies.make_policy)")
+    if not isinstance(state.bank, FifoBank):
+        raise ValueError("this state holds another policy's bank: pass the policy (policies.make_policy)")
     return Fifo(config, None)
+
+
+def _entry_extras(config, policy, entry=None):
+    """The `policy.entry_extras` of a tracked frame's `Entry` (float32), which the predictor
+    stores so that a later propagation can replay the write; zeros for a replayed frame."""
+    if entry is not None:
+        return {name: getattr(entry, name).astype(jnp.float32) for name in policy.entry_extras}
+    s, c = config.image_size // config.backbone_stride, config.hidden_dim
+    shapes = {"iou": (), "object_score": (), "image_features": (s, s, c), "conditioned_features": (s, s, c)}
+    return {name: jnp.zeros(shapes[name], jnp.float32) for name in policy.entry_extras}
 
 
 def memory_conditioned_features(params, config, state: TrackerState, vision_features, vision_pos_enc,
@@ -218,7 +229,8 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     """A frame without a new prompt: track from memory, or replay a conditioning frame.
 
     The new memory is offered to the policy as an `Entry`; outputs add `bank_frames`, the frame
-    held in each of the policy's slots after the write (-1: empty).
+    held in each of the policy's slots after the write (-1: empty), and `entry_extras`, the
+    entry's fields the policy's write reads besides memory, pointer and frame index.
 
     `training` (static) is SAM2Train's training mode: the memory is encoded from the sigmoid of
     the mask (never binarised), and the outputs add `sam`, the decoder's candidates for the loss:
@@ -242,6 +254,7 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
                   object_score=sam["object_score_logits"][0, 0], image_features=vf[0], conditioned_features=pix[0])
     state = policy.write(state, entry, jnp.asarray(active) & ~replay)
     out["bank_frames"] = policy.held_frames(state)
+    out["entry_extras"] = _entry_extras(config, policy, entry)
     if training:
         out["sam"] = {"low_res_multimasks": sam["low_res_multimasks"][0], "ious": sam["ious"][0]}
     return state, out
@@ -261,7 +274,8 @@ def replay_frame(config, state: TrackerState, frame_idx, policy=None):
     a propagation), so the image encoder and the tracker need not run."""
     policy = _policy(config, state, policy)
     replay, out = _stored_output(state, frame_idx)
-    return state, dict(out, is_cond=replay, bank_frames=policy.held_frames(state))
+    return state, dict(out, is_cond=replay, bank_frames=policy.held_frames(state),
+                       entry_extras=_entry_extras(config, policy))
 
 
 def step(params, config, state: TrackerState, features, frame_idx, num_frames, reverse=False, prompt=None,
@@ -276,8 +290,15 @@ def step(params, config, state: TrackerState, features, frame_idx, num_frames, r
     """
     if prompt is None:
         return track_frame(params, config, state, features, frame_idx, num_frames, reverse, active, policy)
-    out = prompt_frame(params, config, state, features, prompt, frame_idx, num_frames, reverse, init_cond=True)
+    out = prompted_outputs(params, config, features, prompt, frame_idx, num_frames, reverse)
+    state = write_cond(state, frame_idx, out["maskmem_features"], out["obj_ptr"], out["low_res_masks"],
+                       out["object_score_logits"], write=active)
+    return state, out
+
+
+def prompted_outputs(params, config, features, prompt, frame_idx, num_frames, reverse=False):
+    """An initial conditioning frame's outputs (no memory read) with its memory encoded as
+    `propagate_in_video_preflight` does: what `write_cond` pins (`state.CondFrames` stacks them)."""
+    out = prompt_frame(params, config, None, features, prompt, frame_idx, num_frames, reverse, init_cond=True)
     mem = prompt_memory(params, config, features, out["low_res_masks"], out["object_score_logits"])
-    state = write_cond(state, frame_idx, mem, out["obj_ptr"], out["low_res_masks"], out["object_score_logits"],
-                       write=active)
-    return state, dict(out, maskmem_features=mem, is_cond=jnp.asarray(True))
+    return dict(out, maskmem_features=mem, is_cond=jnp.asarray(True))

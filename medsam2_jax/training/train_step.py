@@ -79,12 +79,13 @@ def _use_multimask(config, num_points):
         num_points <= config.multimask_max_pt_num)
 
 
-def _cond_object(params, config, pcfg, state, frame, frame_idx, write, kind, points, labels, gt, key, num_corrections):
-    """One object on one conditioning frame: prompt, corrections, memory, pinned in the bank.
+def _cond_object(params, config, pcfg, frame, kind, points, labels, gt, key, num_corrections):
+    """One object on one conditioning frame: prompt, corrections, memory.
 
-    points (2, 2), labels (2,) from the simulated prompt; gt (S, S). Returns the state and the
-    loss outputs of every step: masks (K, M, S, S), ious (K, M), scores (K,), step_valid (K,)
-    with K = 1 + num_corrections (correction steps in a lax.scan: one compiled decoder pair)."""
+    points (2, 2), labels (2,) from the simulated prompt; gt (S, S). Returns what the bank pins
+    (a dict: mem, ptr, mask, score; `state.CondFrames` stacks them) and the loss outputs of every
+    step: masks (K, M, S, S), ious (K, M), scores (K,), step_valid (K,) with
+    K = 1 + num_corrections (correction steps in a lax.scan: one compiled decoder pair)."""
     vf, _, hr = frame
     is_mask = kind == prompts.MASK
     total = 2 + num_corrections
@@ -125,10 +126,9 @@ def _cond_object(params, config, pcfg, state, frame, frame_idx, write, kind, poi
     final = {k: jnp.where(is_mask, mask_out[k], sam[k]) for k in keys}
     mem, _ = sam2.encode_new_memory(params, vf, final["high_res_masks"], final["object_score_logits"], ~is_mask,
                                     config, training=True)
-    state = tracker_state.write_cond(state, frame_idx, mem[0], final["obj_ptr"][0], final["low_res_masks"][0],
-                                     final["object_score_logits"][0], write=write)
-    masks, ious, scores, step_valid = (jnp.concatenate(x) for x in zip(*outs))
-    return state, (masks, ious, scores, step_valid & write)
+    pinned = {"mem": mem[0], "ptr": final["obj_ptr"][0], "mask": final["low_res_masks"][0],
+              "score": final["object_score_logits"][0]}
+    return pinned, tuple(jnp.concatenate(x) for x in zip(*outs))
 
 
 def _track_object(params, config, policy, state, frame, frame_idx, num_frames):
@@ -153,24 +153,28 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
     masks_gt = clip["masks"]  # (T, N, S, S)
     num_frames, n = masks_gt.shape[:2]
     policy = make_policy(config, tracker_config)
-    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
-                         tracker_state.init_state(config, tracker_config, policy))
 
-    def cond_slot(st, xs):
+    def cond_slot(carry, xs):
         t, write, points, labels, k = xs
         frame = _frame(features, t)
-        cond = functools.partial(_cond_object, params, config, pcfg, frame=frame, frame_idx=t, write=write,
-                                 kind=clip["prompt_kind"], num_corrections=num_corrections)
-        fn = lambda s_, p_, l_, g_, k_: cond(state=s_, points=p_, labels=l_, gt=g_, key=k_)  # noqa: E731
-        st, out = jax.vmap(fn)(st, points, labels, masks_gt[t], jax.random.split(k, n))
-        return st, (out, masks_gt[t])
+        cond = functools.partial(_cond_object, params, config, pcfg, frame=frame, kind=clip["prompt_kind"],
+                                 num_corrections=num_corrections)
+        fn = lambda p_, l_, g_, k_: cond(points=p_, labels=l_, gt=g_, key=k_)  # noqa: E731
+        pinned, (m_, i_, s_, v_) = jax.vmap(fn)(points, labels, masks_gt[t], jax.random.split(k, n))
+        return carry, (pinned, (m_, i_, s_, v_ & write), masks_gt[t])
 
     if remat:
         cond_slot = jax.checkpoint(cond_slot)
     num_cond = clip["cond_frames"].shape[0]
-    state, ((cm, ci, cs, cv), cgt) = jax.lax.scan(
-        cond_slot, state, (clip["cond_frames"], clip["cond_valid"], clip["prompt_points"], clip["prompt_labels"],
-                           jax.random.split(key, num_cond)))
+    _, (pinned, (cm, ci, cs, cv), cgt) = jax.lax.scan(
+        cond_slot, None, (clip["cond_frames"], clip["cond_valid"], clip["prompt_points"], clip["prompt_labels"],
+                          jax.random.split(key, num_cond)))
+    # Every object's bank: its conditioning frames pinned in slot order, nothing tracked yet.
+    by_object = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731  (C, N, ...) -> (N, C, ...)
+    state = jax.vmap(lambda p_: tracker_state.state_from_history(
+        config, tracker_config, policy,
+        tracker_state.CondFrames(frame=clip["cond_frames"], mem=p_["mem"], ptr=p_["ptr"], mask=p_["mask"],
+                                 score=p_["score"], valid=clip["cond_valid"])))(jax.tree.map(by_object, pinned))
     # (C, N, K, ...) -> (C*K, N, ...): one loss output per conditioning frame and step.
     per_step = lambda x: jnp.moveaxis(x, 2, 1).reshape(-1, *x.shape[1:2], *x.shape[3:])  # noqa: E731
     cm, ci, cs, cv = per_step(cm), per_step(ci), per_step(cs), per_step(cv)

@@ -11,7 +11,11 @@ pinned by the tracker itself (`state.write_cond`) and always read; a policy deci
 All three are pure and traced under `jit`, `vmap` (objects, streams) and `lax.scan` (frames), so
 shapes must not depend on data: use masks, `jnp.where`, `lax.top_k`. A policy keeps its entries in
 `state.bank` (what `init` returned); `write` gets the whole `TrackerState` so that a rule may look
-at the pinned entries too. `fifo` is SAM 2's ring, which lives in the state's recent-ring fields.
+at the pinned entries too (`fifo`'s bank is SAM 2's ring of recent frames).
+
+A propagation that starts from stored outputs (`VideoPredictor`) rebuilds the bank by replaying
+`write` over the tracked frames behind its start frame, farthest first
+(`state.state_from_history`): the store keeps each frame's memory, pointer and `entry_extras`.
 
 A researcher's rule plugs in without touching the tracker: `register_policy("mine", MyPolicy)`
 and `get_tracker_config(memory_policy="mine")`, or pass `policy=MyPolicy(config, tracker_config)`
@@ -78,6 +82,12 @@ class MemoryPolicy:
     temporal_encoding = True
     # Feed object pointers (of the pinned entries and the read slots) to memory attention.
     object_pointers = True
+    # The `Entry` fields `write` reads besides `mem`, `ptr` and `frame` (which every tracked
+    # frame's outputs hold anyway): `VideoPredictor` keeps them per tracked frame so that a later
+    # propagation can replay the writes. A policy that needs fewer names fewer (host memory).
+    entry_extras: tuple = ("iou", "object_score", "image_features", "conditioned_features")
+    # How many frames behind the start frame a rebuilt bank replays (None: all the store holds).
+    history_reach = None
 
     def __init__(self, config, tracker_config):
         self.config, self.tracker_config = config, tracker_config

@@ -39,6 +39,7 @@ class Medsam2Released(MemoryPolicy):
     name = "medsam2_released"
     temporal_encoding = False
     object_pointers = False
+    entry_extras = ("iou", "conditioned_features")
 
     def init(self):
         c = self.config

@@ -65,6 +65,10 @@ class SelfSorting(MemoryPolicy):
     def needs_memory_query(self):
         return self.tracker_config.query_source == "memory"
 
+    @property
+    def entry_extras(self):
+        return ("iou", "object_score") + (() if self.tracker_config.query_source == "memory" else ("image_features",))
+
     def init(self):
         c, tc = self.config, self.tracker_config
         s = c.image_size // c.backbone_stride
