@@ -33,20 +33,15 @@ def one_prompt_scan(params, config, policy, frames, prompt):
     object_score_logits, bank_frames, ...) and the template's low-res mask logits.
     """
     n = frames.shape[0]
-    feats = jax.lax.map(lambda x: sam2.forward_image(params, x[None], config), frames)
-    frame = lambda i: {
-        "vision_features": feats["vision_features"][i, 0],
-        "vision_pos_enc": feats["vision_pos_enc"][0],
-        "high_res_features": None if feats["high_res_features"] is None else [h[i, 0] for h in feats["high_res_features"]],
-    }
-    first = step_lib.prompted_outputs(params, config, frame(0), prompt, 0, n)
+    feats = propagate.compute_features(params, config, frames, 1)
+    first = step_lib.prompted_outputs(params, config, feats.frame(0), prompt, 0, n)
     template = CondFrames(frame=jnp.zeros((1,), jnp.int32), mem=first["maskmem_features"][None],
                           ptr=first["obj_ptr"][None], mask=first["low_res_masks"][None],
                           score=first["object_score_logits"][None], valid=jnp.ones((1,), bool))
     state = state_from_history(config, policy.tracker_config, policy, template)
 
     def body(st, i):
-        st, out = step_lib.track_frame(params, config, st, frame(i), i, n, False, True, policy)
+        st, out = step_lib.track_frame(params, config, st, feats.frame(i), i, n, False, True, policy)
         out.pop("entry_extras")  # what a stored history would need: nothing replays this scan
         return st, out
 

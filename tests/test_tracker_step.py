@@ -54,7 +54,7 @@ def test_scan_equals_steps_one_by_one():
     one = jax.jit(lambda s_, f_, t: jax.vmap(lambda x: step_lib.step(params, config, x, f_, t, 6))(s_))
     state = state0
     for i, t in enumerate(order):
-        f = prop._frame(prop.compute_features(params, config, jnp.asarray(video[t:t + 1]), 1), 0)
+        f = prop.compute_features(params, config, jnp.asarray(video[t:t + 1]), 1).frame(0)
         state, out = one(state, f, t)
         for k in ("low_res_masks", "object_score_logits", "obj_ptr"):
             np.testing.assert_allclose(outs[k][i], np.asarray(out[k]), atol=1e-4, rtol=1e-4, err_msg=k)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from medsam2_jax.model import layers
 from medsam2_jax.model.image_encoder import image_encoder, init_image_encoder
@@ -66,20 +67,49 @@ def preprocess(images, config):
     return (images - mean) / std
 
 
-def forward_image(params, images, config) -> dict:
+@struct.dataclass
+class FrameFeatures:
+    """What the image encoder gives the heads and the tracker, for a stack of frames or one frame
+    (as TAPIR passes its `FeatureGrids`): the raw stride-16 features, their positional encoding
+    (the same for every frame, so never stacked) and the two high-resolution maps the mask decoder
+    upsamples with, already through conv_s0/s1 (None without `use_high_res_features_in_sam`).
+
+    `frame(i)` takes frame i of a stack; `batched()` adds the batch axis of one frame that the
+    SAM heads expect. `features["vision_features"]` reads a field like the dict it replaces.
+    """
+
+    vision_features: jax.Array  # ([T,] s, s, 256)
+    vision_pos_enc: jax.Array  # (s, s, 256)
+    high_res_features: tuple | None  # (([T,] 4s, 4s, 32), ([T,] 2s, 2s, 64))
+
+    def map_frames(self, fn):
+        """`fn` applied to every per-frame array (not the shared positional encoding)."""
+        hr = self.high_res_features
+        return self.replace(vision_features=fn(self.vision_features),
+                            high_res_features=None if hr is None else tuple(fn(h) for h in hr))
+
+    def frame(self, i) -> FrameFeatures:
+        return self.map_frames(lambda x: x[i])
+
+    def batched(self) -> FrameFeatures:
+        return self.map_frames(lambda x: x[None])
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+
+def forward_image(params, images, config) -> FrameFeatures:
     """`forward_image` + `_prepare_backbone_features` for normalised (B, S, S, 3) images.
 
     Returns vision_features (B, s, s, 256) raw stride-16 features, vision_pos_enc (s, s, 256),
-    and high_res_features [s0 (B, 4s, 4s, 32), s1 (B, 2s, 2s, 64)] already through conv_s0/s1.
+    and high_res_features (s0 (B, 4s, 4s, 32), s1 (B, 2s, 2s, 64)) already through conv_s0/s1.
     """
     fpn, pos = image_encoder(params["image_encoder"], images, config)
-    out = {"vision_features": fpn[-1], "vision_pos_enc": pos[-1]}
+    high_res = None
     if config.use_high_res_features_in_sam:
         dec = params["sam_mask_decoder"]
-        out["high_res_features"] = [layers.conv(dec["conv_s0"], fpn[0]), layers.conv(dec["conv_s1"], fpn[1])]
-    else:
-        out["high_res_features"] = None
-    return out
+        high_res = (layers.conv(dec["conv_s0"], fpn[0]), layers.conv(dec["conv_s1"], fpn[1]))
+    return FrameFeatures(vision_features=fpn[-1], vision_pos_enc=pos[-1], high_res_features=high_res)
 
 
 def add_no_mem_embed(params, vision_features):

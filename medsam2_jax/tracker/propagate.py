@@ -28,16 +28,16 @@ import numpy as np
 
 from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import config as tracker_config_lib
+from medsam2_jax.tracker import state as state_lib
 from medsam2_jax.tracker import step as step_lib
 from medsam2_jax.tracker.policies import make_policy
-from medsam2_jax.tracker import state as state_lib
 from medsam2_jax.tracker.state import TrackerState
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def compute_features(params, config, frames, batch_size: int, active=None):
-    """(N, S, S, 3) normalised frames -> per-frame features, encoded `batch_size` at a time.
+    """(N, S, S, 3) normalised frames -> their `sam2.FrameFeatures`, encoded `batch_size` at a time.
 
     With `active` (N,) bool, a batch without an active frame is not encoded (its features are 0).
     """
@@ -50,25 +50,12 @@ def compute_features(params, config, frames, batch_size: int, active=None):
         used = jnp.asarray(active).reshape(n // batch_size, batch_size).any(1)
         zeros = lambda x: _zeros_like(jax.eval_shape(encode, x))
         feats = jax.lax.map(lambda xu: jax.lax.cond(xu[1], encode, zeros, xu[0]), (batches, used))
-    merge = lambda x: x.reshape(n, *x.shape[2:])
-    return {
-        "vision_features": merge(feats["vision_features"]),
-        "vision_pos_enc": feats["vision_pos_enc"][0],
-        "high_res_features": None if feats["high_res_features"] is None else [merge(h) for h in feats["high_res_features"]],
-    }
+    merged = feats.map_frames(lambda x: x.reshape(n, *x.shape[2:]))
+    return merged.replace(vision_pos_enc=feats.vision_pos_enc[0])
 
 
 def _zeros_like(shapes):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-
-def _frame(features, i):
-    hr = features["high_res_features"]
-    return {
-        "vision_features": features["vision_features"][i],
-        "vision_pos_enc": features["vision_pos_enc"],
-        "high_res_features": None if hr is None else [h[i] for h in hr],
-    }
 
 
 class Compiled:
@@ -102,7 +89,7 @@ class Compiled:
                                                                               active)
 
             def features(i, frame):
-                return _frame(compute_features(params, c, frame[None], 1), 0) if feats is None else _frame(feats, i)
+                return compute_features(params, c, frame[None], 1).frame(0) if feats is None else feats.frame(i)
 
             def body(st, x):
                 i, frame, t, a = x
@@ -113,7 +100,7 @@ class Compiled:
 
         def add_prompt(params, state, frame, prompt, frame_idx, prompted):
             TRACE_COUNTS["add_prompt"] += 1
-            f = _frame(compute_features(params, c, frame[None], 1), 0)
+            f = compute_features(params, c, frame[None], 1).frame(0)
             one = lambda s_, p_, a_: step_lib.step(params, c, s_, f, frame_idx, 1, False, p_, a_, policy)
             return jax.vmap(one)(state, prompt, prompted)
 
@@ -125,7 +112,7 @@ class Compiled:
 
         def features1(params, frame):
             TRACE_COUNTS["features"] += 1
-            return _frame(compute_features(params, c, frame[None], 1), 0)
+            return compute_features(params, c, frame[None], 1).frame(0)
 
         def memory(params, features, low_res, score):
             TRACE_COUNTS["memory"] += 1

@@ -49,12 +49,6 @@ def training_model_config(model_config):
     return config
 
 
-def _frame(features, t):
-    hr = features["high_res_features"]
-    return (features["vision_features"][t][None], features["vision_pos_enc"],
-            None if hr is None else [h[t][None] for h in hr])
-
-
 def _to_loss_output(config, low_res_multimasks, ious):
     """(M, S, S) high-res logits and (M,) IoUs from one object's decoder candidates
     ((4s, 4s, M') and (M',), M' = M or 1: a single mask is repeated M times)."""
@@ -86,7 +80,7 @@ def _cond_object(params, config, pcfg, frame, kind, points, labels, gt, key, num
     (a dict: mem, ptr, mask, score; `state.CondFrames` stacks them) and the loss outputs of every
     step: masks (K, M, S, S), ious (K, M), scores (K,), step_valid (K,) with
     K = 1 + num_corrections (correction steps in a lax.scan: one compiled decoder pair)."""
-    vf, _, hr = frame
+    vf, hr = frame.vision_features, frame.high_res_features  # one frame with its batch axis
     is_mask = kind == prompts.MASK
     total = 2 + num_corrections
     pts = jnp.zeros((total, 2), jnp.float32).at[:2].set(points)
@@ -135,10 +129,7 @@ def _track_object(params, config, policy, state, frame, frame_idx, num_frames):
     """One object on a frame tracked from memory (`tracker.step.track_frame` in training mode):
     the policy decides what enters the bank; a conditioning frame replays its output and writes
     nothing."""
-    vf, pos, hr = frame
-    features = {"vision_features": vf[0], "vision_pos_enc": pos,
-                "high_res_features": None if hr is None else [h[0] for h in hr]}
-    state, out = track_frame(params, config, state, features, frame_idx, num_frames, False, policy=policy,
+    state, out = track_frame(params, config, state, frame, frame_idx, num_frames, False, policy=policy,
                              training=True)
     masks, ious = _to_loss_output(config, out["sam"]["low_res_multimasks"], out["sam"]["ious"])
     chosen = layers.resize_bilinear(out["low_res_masks"][None], (config.image_size,) * 2, antialias=False)
@@ -156,7 +147,7 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
 
     def cond_slot(carry, xs):
         t, write, points, labels, k = xs
-        frame = _frame(features, t)
+        frame = features.frame(t).batched()
         cond = functools.partial(_cond_object, params, config, pcfg, frame=frame, kind=clip["prompt_kind"],
                                  num_corrections=num_corrections)
         fn = lambda p_, l_, g_, k_: cond(points=p_, labels=l_, gt=g_, key=k_)  # noqa: E731
@@ -184,7 +175,7 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
                             axis=1)
 
     def body(st, t):
-        frame = _frame(features, t)
+        frame = features.frame(t)
         track = lambda s_: _track_object(params, config, policy, s_, frame, t, num_frames)  # noqa: E731
         return jax.vmap(track)(st)
 
@@ -220,16 +211,14 @@ def batch_forward(params, config, tracker_config, pcfg, batch, key, *, num_corre
     rgb = jnp.broadcast_to(images.reshape(b * t, s, s, 1), (b * t, s, s, 3))
     cparams = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     feats = sam2.forward_image(cparams, sam2.preprocess(rgb, config).astype(compute_dtype), config)
-    unflat = lambda x: x.reshape(b, t, *x.shape[1:])  # noqa: E731
-    per_clip = {"vision_features": unflat(feats["vision_features"]),
-                "high_res_features": None if feats["high_res_features"] is None else
-                [unflat(h) for h in feats["high_res_features"]]}
-    pos = feats["vision_pos_enc"]
+    # Per clip (B, T, ...); the positional encoding, the same for every frame, stays out of the vmap.
+    per_clip = feats.map_frames(lambda x: x.reshape(b, t, *x.shape[1:])).replace(vision_pos_enc=None)
+    pos = feats.vision_pos_enc
     clip_keys = jax.random.split(key, b)
     fields = ("masks", "cond_frames", "cond_valid", "prompt_kind", "prompt_points", "prompt_labels")
 
     def one(f, clip, k):
-        f = dict(f, vision_pos_enc=pos)
+        f = f.replace(vision_pos_enc=pos)
         return clip_forward(cparams, config, tracker_config, pcfg, f, clip, k, num_corrections=num_corrections,
                             remat=remat)
 
