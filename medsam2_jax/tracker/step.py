@@ -16,6 +16,8 @@ extension in the official code and is skipped on CPU; it is not applied here eit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -51,6 +53,15 @@ def _entry_extras(config, policy, entry=None):
     return {name: jnp.zeros(shapes[name], jnp.float32) for name in policy.entry_extras}
 
 
+class MemoryTokens(NamedTuple):
+    """Memory-attention keys: tokens and positions (n, Cm), and which are real (n,) (the rest are
+    masked out, where they contribute exactly zero)."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+
+
 def memory_conditioned_features(params, config, state: TrackerState, vision_features, vision_pos_enc,
                                 frame_idx, num_frames, reverse, policy=None, skip_empty: bool = False):
     """(1, s, s, C) features fused with the bank for a frame that is not an initial cond frame.
@@ -60,69 +71,92 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
     inference only): attention does not compute the key chunks of empty slots.
     """
     policy = _policy(config, state, policy)
-    s, c, cm = vision_features.shape[1], config.hidden_dim, config.mem_dim
-    hw, m = s * s, config.num_maskmem
-    f32 = jnp.float32
-    t = jnp.asarray(frame_idx, jnp.int32)
-    sign = jnp.where(reverse, -1, 1)
-    mem_pos = sine_2d(s, s, cm).reshape(hw, cm)
-    tpos = params["maskmem_tpos_enc"][:, 0, 0, :]  # (num_maskmem, Cm)
-    row = lambda i: jnp.where((i >= 0)[..., None], tpos[jnp.maximum(i, 0)], 0.0) if policy.temporal_encoding \
-        else jnp.zeros(jnp.shape(i) + (cm,), f32)
-
-    needs_memory = getattr(policy, "needs_memory_query", False)
-    query = Query(frame=t, num_frames=jnp.asarray(num_frames, jnp.int32), reverse=jnp.asarray(reverse),
-                  image_features=vision_features[0],
-                  memory_features=_empty_mask_memory(params, config, vision_features)[0] if needs_memory else None)
-    read = policy.read(state, query)
-    selected = closest_cond_frames(state.cond_frame, state.cond_valid, t, config.max_cond_frames_in_attn)
-    if config.max_cond_frames_in_attn != -1 and policy.name == "fifo":
-        read = _unselected_cond_as_recent(config, state, selected, read, t, num_frames, reverse)
-
-    kc, r = state.cond_mem.shape[0], read.mem.shape[0]
-    cond_tok = state.cond_mem.astype(f32).reshape(kc * hw, cm)
-    cond_pos = jnp.tile(mem_pos + row(jnp.int32(m - 1)), (kc, 1))
-    cond_ok = jnp.repeat(selected, hw)
-    rec_tok = read.mem.astype(f32).reshape(r * hw, cm)
-    rec_pos = (mem_pos[None] + row(read.tpos)[:, None, :]).reshape(r * hw, cm)
-    rec_ok = jnp.repeat(read.valid, hw)
-    toks, poss, oks = [cond_tok, rec_tok], [cond_pos, rec_pos], [cond_ok, rec_ok]
-
+    frame_idx = jnp.asarray(frame_idx, jnp.int32)
+    selected = closest_cond_frames(state.cond_frame, state.cond_valid, frame_idx, config.max_cond_frames_in_attn)
+    read = _policy_read(params, config, state, policy, vision_features, frame_idx, num_frames, reverse, selected)
+    parts = [_cond_tokens(params, config, policy, state, selected), _read_tokens(params, config, policy, read)]
     num_ptr_tokens = 0
     if config.use_obj_ptrs_in_encoder and policy.object_pointers:
-        _, t_diff_max = pointer_normaliser(config, num_frames)
-        # Conditioning pointers (only those in the past in eval), offset by signed distance.
-        if config.only_obj_ptrs_in_the_past_for_eval:
-            past = jnp.where(reverse, state.cond_frame >= t, state.cond_frame <= t)
-        else:
-            past = jnp.ones_like(state.cond_valid)
-        cond_ptr_ok = selected & past
-        if config.use_signed_tpos_enc_to_obj_ptrs:
-            cond_off = (t - state.cond_frame) * sign
-        else:
-            cond_off = jnp.abs(t - state.cond_frame)
-        ptrs = jnp.concatenate([state.cond_ptr, read.ptr])
-        offs = jnp.concatenate([cond_off.astype(f32) / t_diff_max, read.ptr_offset.astype(f32)])
-        ptr_ok = jnp.concatenate([cond_ptr_ok, read.ptr_valid])
-        if config.add_tpos_enc_to_obj_ptrs:
-            pe = sine_1d(offs, c if config.proj_tpos_enc_in_obj_ptrs else cm)
-            ptr_pos = layers.linear(params["obj_ptr_tpos_proj"], pe) if config.proj_tpos_enc_in_obj_ptrs else pe
-        else:
-            ptr_pos = jnp.zeros((ptrs.shape[0], cm), f32)
-        split = c // cm  # a pointer becomes `split` consecutive tokens of width Cm
-        toks.append(ptrs.reshape(-1, cm))
-        poss.append(jnp.repeat(ptr_pos, split, axis=0))
-        oks.append(jnp.repeat(ptr_ok, split))
-        num_ptr_tokens = ptrs.shape[0] * split
-
-    memory = jnp.concatenate(toks)[None]
-    memory_pos = jnp.concatenate(poss)[None]
-    memory_mask = jnp.concatenate(oks)[None]
-    curr = vision_features.reshape(1, hw, c)
-    curr_pos = vision_pos_enc.reshape(1, hw, c)
-    out = memory_attention(params["memory_attention"], curr, curr_pos, memory, memory_pos, num_ptr_tokens,
-                           config, memory_mask=memory_mask, skip_empty=skip_empty)
+        parts.append(_pointer_tokens(params, config, state, read, selected, frame_idx, num_frames, reverse))
+        num_ptr_tokens = parts[-1].valid.shape[0]
+    memory = MemoryTokens(*(jnp.concatenate(field)[None] for field in zip(*parts)))
+    s, c = vision_features.shape[1], config.hidden_dim
+    out = memory_attention(params["memory_attention"], vision_features.reshape(1, s * s, c),
+                           vision_pos_enc.reshape(1, s * s, c), memory.tokens, memory.positions, num_ptr_tokens,
+                           config, memory_mask=memory.valid, skip_empty=skip_empty)
     return out.reshape(1, s, s, c)
+
+
+def _policy_read(params, config, state, policy, vision_features, frame_idx, num_frames, reverse, selected):
+    """What the policy gives this frame to read (`policy.read`), plus, under fifo, the conditioning
+    frames `max_cond_frames_in_attn` left out where SAM 2 reads them as recent ones."""
+    memory_features = _empty_mask_memory(params, config, vision_features)[0] if policy.needs_memory_query else None
+    query = Query(frame=frame_idx, num_frames=jnp.asarray(num_frames, jnp.int32), reverse=jnp.asarray(reverse),
+                  image_features=vision_features[0], memory_features=memory_features)
+    read = policy.read(state, query)
+    if config.max_cond_frames_in_attn != -1 and policy.name == "fifo":
+        read = _unselected_cond_as_recent(config, state, selected, read, frame_idx, num_frames, reverse)
+    return read
+
+
+def _temporal_encoding(params, config, policy, t_pos):
+    """Rows of `maskmem_tpos_enc` picked by `t_pos` (-1: none); zeros for a policy without."""
+    if not policy.temporal_encoding:
+        return jnp.zeros(jnp.shape(t_pos) + (config.mem_dim,), jnp.float32)
+    table = params["maskmem_tpos_enc"][:, 0, 0, :]  # (num_maskmem, Cm)
+    return jnp.where((t_pos >= 0)[..., None], table[jnp.maximum(t_pos, 0)], 0.0)
+
+
+def _spatial_positions(config, memories):
+    """(s*s, Cm) sine positional encoding of the memories' grid (the same for every slot)."""
+    s, cm = memories.shape[1], config.mem_dim
+    return sine_2d(s, s, cm).reshape(s * s, cm)
+
+
+def _cond_tokens(params, config, policy, state, selected) -> MemoryTokens:
+    """Every conditioning slot's memory, tagged with the last temporal row; `selected` are read."""
+    kc, s, cm = state.cond_mem.shape[0], state.cond_mem.shape[1], config.mem_dim
+    grid = _spatial_positions(config, state.cond_mem)
+    row = _temporal_encoding(params, config, policy, jnp.int32(config.num_maskmem - 1))
+    return MemoryTokens(tokens=state.cond_mem.astype(jnp.float32).reshape(kc * s * s, cm),
+                        positions=jnp.tile(grid + row, (kc, 1)), valid=jnp.repeat(selected, s * s))
+
+
+def _read_tokens(params, config, policy, read) -> MemoryTokens:
+    """The memories the policy read, each tagged with its temporal row (`read.tpos`)."""
+    r, s, cm = read.mem.shape[0], read.mem.shape[1], config.mem_dim
+    grid = _spatial_positions(config, read.mem)
+    rows = _temporal_encoding(params, config, policy, read.tpos)
+    return MemoryTokens(tokens=read.mem.astype(jnp.float32).reshape(r * s * s, cm),
+                        positions=(grid[None] + rows[:, None, :]).reshape(r * s * s, cm),
+                        valid=jnp.repeat(read.valid, s * s))
+
+
+def _pointer_tokens(params, config, state, read, selected, frame_idx, num_frames, reverse) -> MemoryTokens:
+    """Object pointers, the conditioning frames' (only past ones in eval) then the read ones, each
+    split into C / Cm tokens, positioned by their normalised temporal offset (SAM 2.1)."""
+    c, cm, f32 = config.hidden_dim, config.mem_dim, jnp.float32
+    _, t_diff_max = pointer_normaliser(config, num_frames)
+    if config.only_obj_ptrs_in_the_past_for_eval:
+        past = jnp.where(reverse, state.cond_frame >= frame_idx, state.cond_frame <= frame_idx)
+    else:
+        past = jnp.ones_like(state.cond_valid)
+    if config.use_signed_tpos_enc_to_obj_ptrs:
+        cond_offset = (frame_idx - state.cond_frame) * jnp.where(reverse, -1, 1)
+    else:
+        cond_offset = jnp.abs(frame_idx - state.cond_frame)
+    pointers = jnp.concatenate([state.cond_ptr, read.ptr])
+    offsets = jnp.concatenate([cond_offset.astype(f32) / t_diff_max, read.ptr_offset.astype(f32)])
+    valid = jnp.concatenate([selected & past, read.ptr_valid])
+    if config.add_tpos_enc_to_obj_ptrs:
+        encoding = sine_1d(offsets, c if config.proj_tpos_enc_in_obj_ptrs else cm)
+        if config.proj_tpos_enc_in_obj_ptrs:
+            encoding = layers.linear(params["obj_ptr_tpos_proj"], encoding)
+    else:
+        encoding = jnp.zeros((pointers.shape[0], cm), f32)
+    split = c // cm  # a pointer becomes `split` consecutive tokens of width Cm
+    return MemoryTokens(tokens=pointers.reshape(-1, cm), positions=jnp.repeat(encoding, split, axis=0),
+                        valid=jnp.repeat(valid, split))
 
 
 def closest_cond_frames(cond_frame, cond_valid, frame_idx, limit: int):

@@ -82,6 +82,9 @@ class MemoryPolicy:
     temporal_encoding = True
     # Feed object pointers (of the pinned entries and the read slots) to memory attention.
     object_pointers = True
+    # `read` looks at `Query.memory_features` (the frame projected by the memory encoder with an
+    # empty mask, one more memory-encoder run per frame); otherwise that field is None.
+    needs_memory_query = False
     # The `Entry` fields `write` reads besides `mem`, `ptr` and `frame` (which every tracked
     # frame's outputs hold anyway): `VideoPredictor` keeps them per tracked frame so that a later
     # propagation can replay the writes. A policy that needs fewer names fewer (host memory).
