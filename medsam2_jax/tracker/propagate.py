@@ -2,10 +2,12 @@
 
 A video is cut into fixed-size chunks of `chunk_size` frames in processing order (forward or
 reverse from a start frame); one compiled function scans the chunk, the state carried from chunk
-to chunk, encoding each frame's features inside the scan (`feature_batch_size` 1, the CPU default)
-or ahead of it in batches (GPU/TPU). The last chunk is padded with inactive frames, which a
-`lax.cond` skips: they cost neither features nor tracking; so does a frame every object has
-pinned as a conditioning frame (its stored outputs are replayed, as the official predictor does).
+to chunk. The chunk's features are encoded ahead of the scan (`chunk_features`): frame by frame
+with the `features` executable clicks use too (`feature_batch_size` 1, the CPU default: the image
+encoder is compiled once, not again inside the scan), or in batches (GPU/TPU). The last chunk is
+padded with inactive frames, which a `lax.cond` skips: they cost neither features nor tracking; so
+does a frame every object has pinned as a conditioning frame (its stored outputs are replayed, as
+the official predictor does).
 So every video length, start frame, direction and prompt layout runs on the same executable,
 device memory holds one chunk and one fixed-size state whatever the length, and per-frame outputs
 stream to the host chunk by chunk.
@@ -58,6 +60,51 @@ def _zeros_like(shapes):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
+def pinned_by_all(cond_valid, cond_frame, frame_idx):
+    """Every object (leading axis) holds `frame_idx` as a pinned conditioning frame, so the tracker
+    replays its stored outputs and computes nothing. jax arrays in the scan, numpy on the host."""
+    return (cond_valid & (cond_frame == frame_idx)).any(-1).all()
+
+
+def chunk_features(fns, params, state, frames, idx):
+    """Features of a chunk's frames `idx`, padded to `chunk_size` frames, for `Compiled.chunk`.
+
+    Encoded only where the chunk tracks: not on padding, nor on a frame every object has pinned
+    (it is replayed); elsewhere 0, and those frames are not even loaded. With `feature_batch_size`
+    1 (the CPU) frame by frame on the host with `features`, the executable clicks use too, so the
+    image encoder is compiled once and the chunk holds only the tracker; else in batches on the
+    device.
+    """
+    size, s = fns.tracker_config.chunk_size, fns.config.image_size
+    valid, cond = np.asarray(state.cond_valid), np.asarray(state.cond_frame)
+    computed = np.zeros(size, bool)
+    computed[:len(idx)] = [not pinned_by_all(valid, cond, t) for t in idx]
+    todo = np.flatnonzero(computed)
+    loaded = np.asarray(frames[np.asarray(idx)[todo]], np.float32) if len(todo) else np.zeros((0, s, s, 3), np.float32)
+    if fns.tracker_config.feature_batch_size > 1:
+        padded = np.zeros((size, s, s, 3), np.float32)
+        padded[todo] = loaded
+        return fns.batch_features(params, padded, computed)
+    frame_spec = jax.ShapeDtypeStruct((s, s, 3), jnp.float32)
+    shapes = fns.get("feature_shapes", lambda: jax.eval_shape(fns.features, params, frame_spec))
+    per_frame = [fns.features(params, frame) for frame in loaded]
+
+    def stack(shape, leaves):
+        out = np.zeros((size,) + shape.shape, shape.dtype)
+        for i, leaf in zip(todo, leaves):
+            out[i] = leaf
+        return out
+
+    hr = shapes.high_res_features
+    return sam2.FrameFeatures(
+        vision_features=stack(shapes.vision_features, [f.vision_features for f in per_frame]),
+        vision_pos_enc=per_frame[0].vision_pos_enc if per_frame else np.zeros(shapes.vision_pos_enc.shape,
+                                                                              shapes.vision_pos_enc.dtype),
+        high_res_features=None if hr is None else tuple(stack(h, [f.high_res_features[j] for f in per_frame])
+                                                        for j, h in enumerate(hr)),
+    )
+
+
 class Compiled:
     """The jitted functions for one (model config, tracker config) pair."""
 
@@ -67,7 +114,8 @@ class Compiled:
         c, tc = config, tracker_config
         self.policy = policy = make_policy(config, tracker_config)
 
-        def chunk(params, state, frames, frame_idx, active, num_frames, reverse):
+        def chunk(params, state, features, frame_idx, active, num_frames, reverse):
+            """`features`: the chunk's per-frame features (`chunk_features`), 0 where not computed."""
             TRACE_COUNTS["chunk"] += 1
 
             def track(f, t):
@@ -77,26 +125,17 @@ class Compiled:
             def replay(t):
                 return jax.vmap(lambda s_: step_lib.replay_frame(c, s_, t, policy))
 
-            def compute(st, t, a):
-                """Not a padded frame, and not a frame every object has pinned (it is replayed).
-                Per frame, outside the object vmap: the `lax.cond` below is a real branch."""
-                pinned = jnp.any(st.cond_valid & (st.cond_frame == t[None, None]), axis=-1)
-                return a & ~jnp.all(pinned)
-
-            # CPU (feature_batch_size 1): each frame is encoded inside the scan, under the branch,
-            # so a skipped frame costs nothing; else the chunk is encoded ahead in batches.
-            feats = None if tc.feature_batch_size == 1 else compute_features(params, c, frames, tc.feature_batch_size,
-                                                                              active)
-
-            def features(i, frame):
-                return compute_features(params, c, frame[None], 1).frame(0) if feats is None else feats.frame(i)
-
             def body(st, x):
-                i, frame, t, a = x
-                run = lambda st_: track(features(i, frame), t)(st_)  # traced inside the branch
-                return jax.lax.cond(compute(st, t, a), run, replay(t), st)
+                i, t, a = x
+                run = lambda st_: track(features.frame(i), t)(st_)
+                # Per frame, outside the object vmap, so the branch is real: a skipped frame costs nothing.
+                return jax.lax.cond(a & ~pinned_by_all(st.cond_valid, st.cond_frame, t), run, replay(t), st)
 
-            return jax.lax.scan(body, state, (jnp.arange(frames.shape[0]), frames, frame_idx, active))
+            return jax.lax.scan(body, state, (jnp.arange(frame_idx.shape[0]), frame_idx, active))
+
+        def batch_features(params, frames, computed):
+            TRACE_COUNTS["batch_features"] += 1
+            return compute_features(params, c, frames, tc.feature_batch_size, computed)
 
         def add_prompt(params, state, frame, prompt, frame_idx, prompted):
             TRACE_COUNTS["add_prompt"] += 1
@@ -124,6 +163,7 @@ class Compiled:
                                                 cond_slots=cond.frame.shape[0])
 
         self.chunk = jax.jit(chunk)
+        self.batch_features = jax.jit(batch_features)
         self.add_prompt = jax.jit(add_prompt)
         self.interact = jax.jit(interact, static_argnames=("init_cond", "has_mask"))
         self.features = jax.jit(features1)
@@ -200,10 +240,9 @@ def iter_propagate(params, config, state: TrackerState, frames, start_frame_idx:
         idx = order[k:k + size]
         n = len(idx)
         padded = idx + [idx[-1]] * (size - n)
-        real = np.asarray(frames[np.asarray(idx)], np.float32)
-        chunk_frames = np.concatenate([real, np.zeros((size - n,) + real.shape[1:], np.float32)]) if n < size else real
+        features = chunk_features(fns, params, state, frames, idx)
         active = np.arange(size) < n
-        state, outs = fns.chunk(params, state, chunk_frames, np.asarray(padded, np.int32), active,
+        state, outs = fns.chunk(params, state, features, np.asarray(padded, np.int32), active,
                                 np.int32(num_frames), np.bool_(reverse))
         outs = jax.tree.map(lambda x: np.asarray(x)[:n], outs)
         yield idx, outs, state
