@@ -81,7 +81,8 @@ def _prompt(prompt, hw, config, tracker_config):
     s = config.image_size
     scale = np.array([s / w, s / h], np.float32)
     pts = None if prompt.get("points") is None else np.asarray(prompt["points"], np.float32).reshape(-1, 2) * scale
-    box = None if prompt.get("box") is None else (np.asarray(prompt["box"], np.float32).reshape(2, 2) * scale).reshape(4)
+    box = prompt.get("box")
+    box = None if box is None else (np.asarray(box, np.float32).reshape(2, 2) * scale).reshape(4)
     mask = prompt.get("mask")
     if mask is not None:
         m = layers.resize_bilinear(jnp.asarray(mask, jnp.float32)[None, :, :, None], (s, s), antialias=True)

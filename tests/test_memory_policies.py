@@ -23,14 +23,14 @@ from medsam2_jax.tracker.state import init_state, write_cond
 IMAGE_SIZE = 64  # a 4 x 4 memory grid: the policies only see shapes and values
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def config():
     c = get_config("test")
     c.image_size = IMAGE_SIZE
     return c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def policy_fns(name, **knobs):
     tc = get_tracker_config(memory_policy=name, **knobs)
     policy = make_policy(config(), tc)
@@ -188,8 +188,8 @@ def test_self_sorting_invariants(params_list, k, thr, lam):
     policy, write, _, tc = policy_fns("self_sorting", K=k, conf_threshold=thr, lambda_conf=lam)
     state = init_state(config(), tc, policy)
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    state = write_cond(state, 99, jnp.ones(state.cond_mem.shape[1:]), jnp.ones(256), jnp.zeros(state.cond_mask.shape[1:]),
-                       jnp.ones(1))
+    state = write_cond(state, 99, jnp.ones(state.cond_mem.shape[1:]), jnp.ones(256),
+                       jnp.zeros(state.cond_mask.shape[1:]), jnp.ones(1))
     cond = jax.tree.map(np.asarray, (state.cond_mem, state.cond_frame, state.cond_valid))
     accepted = 0
     for e in entries:

@@ -23,7 +23,7 @@ IMAGE_SIZE = 64
 FRAMES = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model():
     config = get_config("test")
     config.image_size = IMAGE_SIZE
@@ -35,8 +35,7 @@ def model():
 
 
 def frame(feats, i):
-    return {"vision_features": feats["vision_features"][i], "vision_pos_enc": feats["vision_pos_enc"],
-            "high_res_features": None if feats["high_res_features"] is None else [h[i] for h in feats["high_res_features"]]}
+    return feats.frame(i)
 
 
 def clip_loss(params, config, policy, feats):
@@ -61,7 +60,7 @@ def test_grad_through_a_clip_for_every_policy():
         tc = get_tracker_config(memory_policy=name, K=2, conf_threshold=0.0, read="sample", R=2)
         policy = make_policy(config, tc)
         trainable = {k: params[k] for k in ("memory_encoder", "memory_attention")}
-        loss = lambda tr: clip_loss({**params, **tr}, config, policy, feats)
+        loss = lambda tr, policy=policy: clip_loss({**params, **tr}, config, policy, feats)
         value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
         assert np.isfinite(float(value)), name
         for part, g in grads.items():
@@ -125,7 +124,8 @@ def test_own_policy_by_name_and_self_sorting_reads_like_every_past_frame():
         prompt = make_prompt(s, 8, box=[s * 0.2, s * 0.25, s * 0.7, s * 0.6])
         state = init_state(config, tc, policy)
         state, _ = step_lib.step(params, config, state, frame(feats, 0), 0, FRAMES, prompt=prompt, policy=policy)
-        one = jax.jit(lambda st, f, i: step_lib.track_frame(params, config, st, f, i, FRAMES, False, True, policy))
+        one = jax.jit(lambda st, f, i, policy=policy: step_lib.track_frame(params, config, st, f, i, FRAMES, False,
+                                                                           True, policy))
         logits = []
         for i in range(1, FRAMES):
             state, out = one(state, frame(feats, i), i)

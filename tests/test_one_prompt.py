@@ -17,7 +17,7 @@ from medsam2_jax.one_prompt import segment_one_prompt, segment_one_prompt_batch
 from medsam2_jax.tracker.config import get_tracker_config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model():
     config = get_config("test")
     config.image_size = 128

@@ -29,7 +29,7 @@ LOGIT_ATOL = 1e-2
 MIN_AGREEMENT = 0.999
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str, image_size: int | None = None, seed: int = 0):
     """(official video predictor, our params, our config) for a config at any image size."""
     import torch
@@ -145,7 +145,9 @@ def compare_runs(predictor, params, config, frames, ops):
 
 
 S = 256  # the test config's size; positions below are fractions of it
-CLICK = lambda f, obj=1, pts=((0.5, 0.5),), lab=(1,): ("points", dict(frame_idx=f, obj_id=obj, points=[[x * S, y * S] for x, y in pts], labels=list(lab)))
+CLICK = lambda f, obj=1, pts=((0.5, 0.5),), lab=(1,): ("points", dict(frame_idx=f, obj_id=obj,
+                                                                      points=[[x * S, y * S] for x, y in pts],
+                                                                      labels=list(lab)))
 FWD = ("propagate", {})
 
 
@@ -171,7 +173,8 @@ CASES = {
     "box_middle_forward_then_reverse": (20, [BOX(10), PROP(), PROP(reverse=True)]),
     "clicks_on_two_frames": (20, [CLICK(0), CLICK(12, pts=((0.3, 0.4), (0.7, 0.6)), lab=(1, 0)), PROP()]),
     "mask_prompt": (20, [MASK(3), PROP(), PROP(reverse=True)]),
-    "two_objects": (20, [CLICK(0, obj=1), BOX(5, obj=2), PROP(start_frame_idx=5), PROP(start_frame_idx=5, reverse=True)]),
+    "two_objects": (20, [CLICK(0, obj=1), BOX(5, obj=2), PROP(start_frame_idx=5),
+                         PROP(start_frame_idx=5, reverse=True)]),
     "refinement_after_propagation": (20, [
         CLICK(0), PROP(), CLICK(8, pts=((0.3, 0.3),), lab=(0,)),
         ("points", dict(frame_idx=8, obj_id=1, points=[[0.6 * S, 0.6 * S]], labels=[1], clear_old_points=False)),
@@ -247,7 +250,7 @@ def vanishing_frames(size: int = S) -> np.ndarray:
     return imagenet_normalised(frames)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vanishing_reference(name: str):
     """(official predictor, our params, our config, frames) whose object score follows the object."""
     import copy

@@ -19,7 +19,7 @@ from medsam2_jax.tracker.prompts import make_prompt
 from medsam2_jax.tracker.state import init_state, recent_slots, stack_states, write_cond, write_recent
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model():
     config = get_config("test")
     params = sam2.init_params(jax.random.PRNGKey(0), config)
@@ -93,7 +93,7 @@ def _peak_device_bytes(params, config, tc, n):
     video = frames(n, config.image_size)
     state = two_objects(config, tc, video)
     peak = 0
-    for _, outs, state in prop.iter_propagate(params, config, state, video, 0, tracker_config=tc):
+    for _ in prop.iter_propagate(params, config, state, video, 0, tracker_config=tc):
         peak = max(peak, sum(a.nbytes for a in jax.live_arrays()))
     return peak
 
@@ -117,7 +117,8 @@ def test_fifo_ring_holds_the_most_recent_frames(starts, reverse):
     config.image_size = 32  # shapes only
     tc = get_tracker_config(max_cond_frames=2)
     state = init_state(config, tc)
-    state = write_cond(state, 100, jnp.ones(state.cond_mem.shape[1:]), jnp.ones(256), jnp.zeros(state.cond_mask.shape[1:]), jnp.ones(1))
+    state = write_cond(state, 100, jnp.ones(state.cond_mem.shape[1:]), jnp.ones(256),
+                       jnp.zeros(state.cond_mask.shape[1:]), jnp.ones(1))
     k = recent_slots(config)
     start = starts[0]
     seq = [start - i if reverse else start + i for i in range(len(starts))]

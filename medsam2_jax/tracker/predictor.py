@@ -167,7 +167,8 @@ class VideoPredictor:
         """{frame index: object-score logit} of every frame this object has an output on."""
         obj_idx = inference_state["obj_id_to_idx"][obj_id]
         out = inference_state["output_dict_per_obj"][obj_idx]
-        return {t: float(np.ravel(o["object_score_logits"])[0]) for d in (out[NON_COND], out[COND]) for t, o in d.items()}
+        return {t: float(np.ravel(o["object_score_logits"])[0])
+                for d in (out[NON_COND], out[COND]) for t, o in d.items()}
 
     def release_frame(self, inference_state, frame_idx):
         """Drop the stored memory and mask of a tracked (non-conditioning) frame, keeping its

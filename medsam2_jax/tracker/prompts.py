@@ -7,10 +7,9 @@ exactly what the unpadded one gives.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import struct
-
-import jax
 
 
 @struct.dataclass

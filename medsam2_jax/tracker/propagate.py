@@ -244,7 +244,7 @@ def iter_propagate(params, config, state: TrackerState, frames, start_frame_idx:
         active = np.arange(size) < n
         state, outs = fns.chunk(params, state, features, np.asarray(padded, np.int32), active,
                                 np.int32(num_frames), np.bool_(reverse))
-        outs = jax.tree.map(lambda x: np.asarray(x)[:n], outs)
+        outs = jax.tree.map(lambda x, n=n: np.asarray(x)[:n], outs)
         yield idx, outs, state
 
 
@@ -252,10 +252,11 @@ def propagate(params, config, state: TrackerState, frames, start_frame_idx: int,
               max_frame_num_to_track=None, tracker_config=None):
     """Track every object over the video: (final state, frame indices, stacked host outputs)."""
     indices, chunks = [], []
-    for idx, outs, state in iter_propagate(params, config, state, frames, start_frame_idx, reverse,
-                                           max_frame_num_to_track, tracker_config):
+    for idx, outs, chunk_state in iter_propagate(params, config, state, frames, start_frame_idx, reverse,
+                                                 max_frame_num_to_track, tracker_config):
         indices += idx
         chunks.append(outs)
+        state = chunk_state
     if not chunks:
         return state, [], {}
     return state, indices, jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)

@@ -86,7 +86,8 @@ def _cond_object(params, config, pcfg, frame, kind, points, labels, gt, key, num
     pts = jnp.zeros((total, 2), jnp.float32).at[:2].set(points)
     lab = jnp.full((total,), -1, jnp.int32).at[:2].set(labels)
     pix = sam2.add_no_mem_embed(params, vf)
-    sam, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, None, _use_multimask(config, (lab >= 0).sum()))
+    multimask = _use_multimask(config, (lab >= 0).sum())
+    sam, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, None, multimask)
     # A mask prompt is the output itself (use_mask_as_output); it gets no corrections.
     mask_out = sam2.use_mask_as_output(params, vf, hr, gt.astype(jnp.float32)[None, :, :, None], config)
     m = config.mask_decoder.num_multimask_outputs
