@@ -20,8 +20,8 @@ import pytest
 from medsam2_jax.configs.model import get_config
 from medsam2_jax.model import sam2
 from medsam2_jax.tracker.config import get_tracker_config
+from medsam2_jax.tracker.policies.base import recent_slots
 from medsam2_jax.tracker.predictor import VideoPredictor
-from medsam2_jax.tracker.state import recent_slots
 from tests.test_memory_policies import np_released, np_self_sorting
 
 IMAGE_SIZE = 64

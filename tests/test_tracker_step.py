@@ -15,8 +15,9 @@ from medsam2_jax.model import sam2
 from medsam2_jax.tracker import propagate as prop
 from medsam2_jax.tracker import step as step_lib
 from medsam2_jax.tracker.config import get_tracker_config
+from medsam2_jax.tracker.policies.base import recent_slots
 from medsam2_jax.tracker.prompts import make_prompt
-from medsam2_jax.tracker.state import init_state, recent_slots, stack_states, write_cond, write_recent
+from medsam2_jax.tracker.state import init_state, stack_states, write_cond, write_recent
 
 
 @functools.cache

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-MEMORY_DTYPE = jnp.bfloat16  # the official video predictor stores maskmem_features in bfloat16
+from medsam2_jax.tracker.policies import make_policy
+from medsam2_jax.tracker.policies.base import MEMORY_DTYPE
+from medsam2_jax.tracker.policies.fifo import write_ring
 
 
 @struct.dataclass
@@ -61,21 +63,9 @@ class CondFrames:
     valid: jax.Array  # (n,) bool
 
 
-def recent_slots(config) -> int:
-    """K of fifo: the farthest frame a read can reach, (num_maskmem - 2) * stride + 1 (6 for SAM 2)."""
-    return (config.num_maskmem - 2) * config.memory_temporal_stride_for_eval + 1
-
-
-def pointer_slots(config) -> int:
-    """P of fifo: non-conditioning pointers read from frames t-1 .. t-(max_obj_ptrs_in_encoder-1)."""
-    return max(config.max_obj_ptrs_in_encoder - 1, 1)
-
-
 def _policy_for(config, tracker_config, policy):
     if policy is not None:
         return policy
-    from medsam2_jax.tracker.policies import make_policy  # policies build on this module
-
     return make_policy(config, tracker_config)
 
 
@@ -152,6 +142,4 @@ def write_cond(state: TrackerState, frame_idx, mem, ptr, mask, score, write=True
 
 def write_recent(state: TrackerState, frame_idx, mem, ptr, write=True) -> TrackerState:
     """fifo: a tracked frame enters the ring of recent frames (`policies.fifo.write_ring`)."""
-    from medsam2_jax.tracker.policies.fifo import write_ring
-
     return state.replace(bank=write_ring(state.bank, frame_idx, mem, ptr, write))

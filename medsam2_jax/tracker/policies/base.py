@@ -30,6 +30,18 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+MEMORY_DTYPE = jnp.bfloat16  # the official video predictor stores maskmem_features in bfloat16
+
+
+def recent_slots(config) -> int:
+    """K of fifo: the farthest frame a read can reach, (num_maskmem - 2) * stride + 1 (6 for SAM 2)."""
+    return (config.num_maskmem - 2) * config.memory_temporal_stride_for_eval + 1
+
+
+def pointer_slots(config) -> int:
+    """P of fifo: non-conditioning pointers read from frames t-1 .. t-(max_obj_ptrs_in_encoder-1)."""
+    return max(config.max_obj_ptrs_in_encoder - 1, 1)
+
 
 @struct.dataclass
 class Entry:

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from medsam2_jax.tracker.policies.base import MemoryPolicy, MemoryRead, put
-from medsam2_jax.tracker.state import MEMORY_DTYPE, pointer_slots, recent_slots
+from medsam2_jax.tracker.policies.base import MEMORY_DTYPE, MemoryPolicy, MemoryRead, pointer_slots, put, recent_slots
 
 
 @struct.dataclass

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from medsam2_jax.tracker.policies.base import MemoryPolicy, MemoryRead, normalised, put
-from medsam2_jax.tracker.state import MEMORY_DTYPE
+from medsam2_jax.tracker.policies.base import MEMORY_DTYPE, MemoryPolicy, MemoryRead, normalised, put
 
 RELEASED_K = 16
 IOU_MARGIN = 0.1

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from medsam2_jax.tracker.policies.base import MemoryPolicy, MemoryRead, pooled_key
-from medsam2_jax.tracker.state import MEMORY_DTYPE
+from medsam2_jax.tracker.policies.base import MEMORY_DTYPE, MemoryPolicy, MemoryRead, pooled_key
 
 
 @struct.dataclass
