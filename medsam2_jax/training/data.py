@@ -41,7 +41,7 @@ import numpy as np
 
 from medsam2_jax.training.prompts import PromptConfig, simulate_prompts
 from medsam2_jax.volumes import intensity
-from medsam2_jax.volumes.io import VolumeError, load_label_volume, load_volume
+from medsam2_jax.volumes.io import VolumeError, load_label_volume, load_volume, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ class Entry:
     objects: tuple[int, ...] = ()
     axis: int | None = None  # overrides the config's slice axis
     window: str | None = None  # a CT window name (intensity.CT_WINDOWS); None = percentile clip
-
-
-def _refuse_constant(name: str):
-    # Python's json reads NaN and Infinity, which JSON does not have.
-    raise json.JSONDecodeError(f"{name} is not a JSON number (JSON has no NaN or Infinity)", name, 0)
 
 
 def _parse_axis(value, where: str) -> int | None:
@@ -161,9 +156,10 @@ def read_manifest(path, on_bad_record: str = "raise") -> list[Entry]:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                rows.append((f"{path}:{n}", json.loads(line, parse_constant=_refuse_constant)))
-            except json.JSONDecodeError as error:
-                rows.append((f"{path}:{n}", DataError(f"{path}:{n}: not valid JSON ({error.msg}): {line[:60]!r}")))
+                rows.append((f"{path}:{n}", loads_json(line)))
+            except ValueError as error:  # json.JSONDecodeError, or NaN / Infinity
+                reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+                rows.append((f"{path}:{n}", DataError(f"{path}:{n}: not valid JSON ({reason}): {line[:60]!r}")))
     entries = []
     for where, fields in rows:
         try:

@@ -13,6 +13,7 @@ problem and what to do about it.
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from pathlib import Path
 
@@ -33,6 +34,16 @@ from medsam2_jax.volumes.volume import (  # noqa: F401  (re-exported: the reader
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+def loads_json(text: str):
+    """`json.loads` for what users write (prompt files, manifests): NaN and Infinity, which Python
+    reads but JSON does not have (nor could a strict-JSON output repeat them), are a ValueError."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity); write a number")
+
+    return json.loads(text, parse_constant=refuse)
+
 
 def load_volume(path: str | Path) -> Volume:
     """Reads a 3D NIfTI file, a DICOM series folder or a multi-frame DICOM file."""

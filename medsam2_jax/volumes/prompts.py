@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam2_jax.volumes.io import LPS_TO_RAS, Volume
+from medsam2_jax.volumes.io import LPS_TO_RAS, Volume, loads_json
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 SPACES = ("voxel", "canonical", "world", "world_lps")
@@ -192,23 +192,18 @@ def _z_range(volume: Volume, entry: Mapping, object_id: int, space: str, axis: i
     return float(canonical[0, axis]), float(canonical[1, axis])
 
 
-def _refuse_constant(name: str):
-    # Python's json reads NaN and Infinity, which JSON does not have; the sidecar could not repeat them.
-    raise PromptError(f"{name} is not a JSON number (JSON has no NaN or Infinity); write a number")
-
-
 def load_prompt_file(path: str | Path, volume: Volume) -> VolumePrompts:
     """Reads a JSON prompt file (schema in the module docstring)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(), parse_constant=_refuse_constant)
+        data = loads_json(path.read_text())
     except OSError as error:
         raise PromptError(f"{path}: cannot read the prompt file ({error.strerror}); check the path") from error
     except UnicodeDecodeError as error:
         raise PromptError(f"{path}: not text (byte {error.start} is not UTF-8); a prompt file is JSON text") from error
     except json.JSONDecodeError as error:
         raise PromptError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix the prompt file") from error
-    except PromptError as error:
+    except ValueError as error:  # NaN or Infinity (loads_json)
         raise PromptError(f"{path}: {error}") from None
     except RecursionError:
         raise PromptError(f"{path}: JSON nested too deeply for a prompt file; see the schema in prompts.py") from None
