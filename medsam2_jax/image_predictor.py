@@ -49,7 +49,7 @@ def to_model_input(image, config) -> np.ndarray:
 @partial(jax.jit, static_argnums=(1,))
 def _encode(params, config, images):
     feats = forward_image(params, images, config)
-    return add_no_mem_embed(params, feats["vision_features"]), feats["high_res_features"]
+    return add_no_mem_embed(params, feats.vision_features), feats.high_res_features
 
 
 @partial(jax.jit, static_argnums=(1, 7))

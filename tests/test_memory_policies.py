@@ -147,14 +147,14 @@ def test_fifo_equals_numpy_ring_and_reads_the_previous_frames():
     entries = make_entries(11, seed=3)
     policy, _, read, tc = policy_fns("fifo")
     state, held = run("fifo", entries)
-    k = state.mem.shape[0]
+    k = state.bank.mem.shape[0]
     for t, got in enumerate(held):
         want = [-1] * k
         for f in range(max(0, t - k + 1), t + 1):
             want[f % k] = f
         assert got.tolist() == want
     # Frame 11 reads frames 5, 6, ..., 10 (farthest first, as SAM 2 orders them), memories as written.
-    s = state.mem.shape[1]
+    s = state.bank.mem.shape[1]
     q = Query(frame=jnp.int32(11), num_frames=jnp.int32(20), reverse=jnp.bool_(False),
               image_features=jnp.zeros((s, s, 256)))
     r = read(state, q)
@@ -221,7 +221,7 @@ def test_fifo_and_released_invariants(n, policy_name):
         held = np.asarray(policy.held_frames(state))
         held = held[held >= 0]
         assert len(set(held.tolist())) == len(held)
-        k = held.size if policy_name == "medsam2_released" else state.mem.shape[0]
+        k = held.size if policy_name == "medsam2_released" else state.bank.mem.shape[0]
         assert len(held) == min(t + 1, 16 if policy_name == "medsam2_released" else k)
         if policy_name == "fifo":  # exactly the most recent frames
             assert sorted(held.tolist()) == list(range(max(0, t + 1 - k), t + 1))
@@ -244,7 +244,7 @@ def test_self_sorting_large_bank_reads_every_past_frame():
     entries = [e.replace(object_score=jnp.abs(e.object_score) + 0.1) for e in make_entries(9, seed=5)]
     policy, write, read, tc = policy_fns("self_sorting", K=12, conf_threshold=0.0, lambda_conf=0.0)
     state = init_state(config(), tc, policy)
-    s = state.mem.shape[1]
+    s = state.bank.mem.shape[1]
     for t, e in enumerate(entries):
         r = read(state, Query(frame=jnp.int32(t), num_frames=jnp.int32(9), reverse=jnp.bool_(False),
                               image_features=e.image_features))

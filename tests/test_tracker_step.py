@@ -16,8 +16,9 @@ from medsam2_jax.tracker import propagate as prop
 from medsam2_jax.tracker import step as step_lib
 from medsam2_jax.tracker.config import get_tracker_config
 from medsam2_jax.tracker.policies.base import recent_slots
+from medsam2_jax.tracker.policies.fifo import write_ring
 from medsam2_jax.tracker.prompts import make_prompt
-from medsam2_jax.tracker.state import init_state, stack_states, write_cond, write_recent
+from medsam2_jax.tracker.state import init_state, stack_states, write_cond
 
 
 @functools.cache
@@ -62,9 +63,9 @@ def test_scan_equals_steps_one_by_one():
         assert bool(outs["is_cond"][i].all()) == (t == 0)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(state)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-2)
-    np.testing.assert_array_equal(np.asarray(final.mem_frame[0]), np.asarray(state.mem_frame[0]))
+    np.testing.assert_array_equal(np.asarray(final.bank.mem_frame[0]), np.asarray(state.bank.mem_frame[0]))
     # The ring holds exactly the non-conditioning frames 1..5.
-    assert sorted(np.asarray(final.mem_frame[0])[np.asarray(final.mem_valid[0])]) == [1, 2, 3, 4, 5]
+    assert sorted(np.asarray(final.bank.mem_frame[0])[np.asarray(final.bank.mem_valid[0])]) == [1, 2, 3, 4, 5]
 
 
 def test_no_recompilation_across_lengths_prompts_and_directions():
@@ -125,25 +126,25 @@ def test_fifo_ring_holds_the_most_recent_frames(starts, reverse):
     seq = [start - i if reverse else start + i for i in range(len(starts))]
     seq = [t for t in seq if t >= 0]
     for t in seq:
-        state = write_recent(state, t, jnp.full(state.mem.shape[1:], t), jnp.full(256, t))
-    held = sorted(np.asarray(state.mem_frame)[np.asarray(state.mem_valid)].tolist())
+        state = state.replace(bank=write_ring(state.bank, t, jnp.full(state.bank.mem.shape[1:], t), jnp.full(256, t)))
+    held = sorted(np.asarray(state.bank.mem_frame)[np.asarray(state.bank.mem_valid)].tolist())
     assert held == sorted(seq[-k:])
     # Each slot's content is the frame it claims; the pinned frame is untouched.
-    for slot in np.flatnonzero(np.asarray(state.mem_valid)):
-        assert float(state.mem[slot][0, 0, 0]) == float(state.mem_frame[slot])
+    for slot in np.flatnonzero(np.asarray(state.bank.mem_valid)):
+        assert float(state.bank.mem[slot][0, 0, 0]) == float(state.bank.mem_frame[slot])
     assert np.asarray(state.cond_frame).tolist() == [100, -1] and bool(state.cond_valid[0])
-    assert np.asarray(state.mem.shape).tolist() == [k, 2, 2, 64]
+    assert np.asarray(state.bank.mem.shape).tolist() == [k, 2, 2, 64]
 
 
 def test_padded_points_equal_unpadded():
     params, config = model()
     f = sam2.forward_image(params, jnp.asarray(frames(1, config.image_size)), config)
-    pix = sam2.add_no_mem_embed(params, f["vision_features"])
+    pix = sam2.add_no_mem_embed(params, f.vision_features)
     pts, lab = np.array([[[40.0, 50.0], [120.0, 90.0]]], np.float32), np.array([[1, 0]], np.int32)
-    a = sam2.forward_sam_heads(params, pix, config, pts, lab, high_res_features=f["high_res_features"])
+    a = sam2.forward_sam_heads(params, pix, config, pts, lab, high_res_features=f.high_res_features)
     p = make_prompt(config.image_size, 8, points=pts[0], labels=lab[0])
     b = sam2.forward_sam_heads(params, pix, config, p.points[None], p.labels[None],
-                               high_res_features=f["high_res_features"], point_mask=p.point_valid[None])
+                               high_res_features=f.high_res_features, point_mask=p.point_valid[None])
     np.testing.assert_allclose(np.asarray(a["low_res_masks"]), np.asarray(b["low_res_masks"]), atol=1e-5)
 
 

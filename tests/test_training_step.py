@@ -108,12 +108,12 @@ def test_traced_multimask_candidates_match_static(setup):
     model_config, params, _, batch = setup
     rgb = jnp.broadcast_to(jnp.asarray(batch["image"][0, :1, :, :, None]), (1, SIZE, SIZE, 3))
     feats = sam2.forward_image(params, sam2.preprocess(rgb, model_config), model_config)
-    pix = sam2.add_no_mem_embed(params, feats["vision_features"])
+    pix = sam2.add_no_mem_embed(params, feats.vision_features)
     pts, lab = jnp.asarray([[[12.0, 10.0], [33.0, 29.0]]]), jnp.asarray([[2, 3]])
 
     def heads(flag):
         return sam2.forward_sam_heads(params, pix, model_config, pts, lab,
-                                      high_res_features=feats["high_res_features"], multimask_output=flag)
+                                      high_res_features=feats.high_res_features, multimask_output=flag)
 
     for flag in (True, False):
         static, traced = heads(flag), jax.jit(heads)(jnp.asarray(flag))
@@ -200,8 +200,8 @@ def test_conditioning_frame_sees_the_prompt(setup, kind):
     rgb = jnp.broadcast_to(jnp.asarray(one["image"][0, :1, :, :, None]), (1, SIZE, SIZE, 3))
     feats = sam2.forward_image(params, sam2.preprocess(rgb, model_config), model_config)
     lab = jnp.asarray([labels], jnp.int32)
-    ref = sam2.forward_sam_heads(params, sam2.add_no_mem_embed(params, feats["vision_features"]), model_config,
-                                 jnp.asarray([points], jnp.float32), lab, high_res_features=feats["high_res_features"],
+    ref = sam2.forward_sam_heads(params, sam2.add_no_mem_embed(params, feats.vision_features), model_config,
+                                 jnp.asarray([points], jnp.float32), lab, high_res_features=feats.high_res_features,
                                  multimask_output=kind == "click", point_mask=lab >= 0)
     m = model_config.mask_decoder.num_multimask_outputs
     ref_masks = jax.image.resize(ref["low_res_multimasks"][0], (SIZE, SIZE, ref["low_res_multimasks"].shape[-1]),

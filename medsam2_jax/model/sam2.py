@@ -75,7 +75,7 @@ class FrameFeatures:
     upsamples with, already through conv_s0/s1 (None without `use_high_res_features_in_sam`).
 
     `frame(i)` takes frame i of a stack; `batched()` adds the batch axis of one frame that the
-    SAM heads expect. `features["vision_features"]` reads a field like the dict it replaces.
+    SAM heads expect.
     """
 
     vision_features: jax.Array  # ([T,] s, s, 256)
@@ -93,9 +93,6 @@ class FrameFeatures:
 
     def batched(self) -> FrameFeatures:
         return self.map_frames(lambda x: x[None])
-
-    def __getitem__(self, name):
-        return getattr(self, name)
 
 
 def forward_image(params, images, config) -> FrameFeatures:

@@ -60,31 +60,27 @@ def _zeros_like(shapes):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
-def pinned_by_all(cond_valid, cond_frame, frame_idx):
-    """Every object (leading axis) holds `frame_idx` as a pinned conditioning frame, so the tracker
-    replays its stored outputs and computes nothing. jax arrays in the scan, numpy on the host."""
-    return (cond_valid & (cond_frame == frame_idx)).any(-1).all()
-
-
 def chunk_features(fns, params, state, frames, idx):
-    """Features of a chunk's frames `idx`, padded to `chunk_size` frames, for `Compiled.chunk`.
+    """(features, computed) of a chunk's frames `idx`, padded to `chunk_size` frames, for
+    `Compiled.chunk`.
 
-    Encoded only where the chunk tracks: not on padding, nor on a frame every object has pinned
-    (it is replayed); elsewhere 0, and those frames are not even loaded. With `feature_batch_size`
-    1 (the CPU) frame by frame on the host with `features`, the executable clicks use too, so the
-    image encoder is compiled once and the chunk holds only the tracker; else in batches on the
-    device.
+    `computed` (chunk_size,) bool: the frames the chunk tracks, not padding and not a frame every
+    object has pinned as a conditioning frame (the scan replays its stored outputs; prompts never
+    change during a chunk, so this holds for the whole chunk). Features are encoded there only,
+    elsewhere 0, and those frames are not even loaded. With `feature_batch_size` 1 (the CPU) frame
+    by frame with `features`, the executable clicks use too, so the image encoder is compiled once
+    and the chunk holds only the tracker; else in batches on the device.
     """
     size, s = fns.tracker_config.chunk_size, fns.config.image_size
     valid, cond = np.asarray(state.cond_valid), np.asarray(state.cond_frame)
     computed = np.zeros(size, bool)
-    computed[:len(idx)] = [not pinned_by_all(valid, cond, t) for t in idx]
+    computed[:len(idx)] = [not (valid & (cond == t)).any(-1).all() for t in idx]
     todo = np.flatnonzero(computed)
     loaded = np.asarray(frames[np.asarray(idx)[todo]], np.float32) if len(todo) else np.zeros((0, s, s, 3), np.float32)
     if fns.tracker_config.feature_batch_size > 1:
         padded = np.zeros((size, s, s, 3), np.float32)
         padded[todo] = loaded
-        return fns.batch_features(params, padded, computed)
+        return fns.batch_features(params, padded, computed), computed
     frame_spec = jax.ShapeDtypeStruct((s, s, 3), jnp.float32)
     shapes = fns.get("feature_shapes", lambda: jax.eval_shape(fns.features, params, frame_spec))
     per_frame = [fns.features(params, frame) for frame in loaded]
@@ -96,13 +92,14 @@ def chunk_features(fns, params, state, frames, idx):
         return out
 
     hr = shapes.high_res_features
-    return sam2.FrameFeatures(
+    features = sam2.FrameFeatures(
         vision_features=stack(shapes.vision_features, [f.vision_features for f in per_frame]),
         vision_pos_enc=per_frame[0].vision_pos_enc if per_frame else np.zeros(shapes.vision_pos_enc.shape,
                                                                               shapes.vision_pos_enc.dtype),
         high_res_features=None if hr is None else tuple(stack(h, [f.high_res_features[j] for f in per_frame])
                                                         for j, h in enumerate(hr)),
     )
+    return features, computed
 
 
 class Compiled:
@@ -114,8 +111,8 @@ class Compiled:
         c, tc = config, tracker_config
         self.policy = policy = make_policy(config, tracker_config)
 
-        def chunk(params, state, features, frame_idx, active, num_frames, reverse):
-            """`features`: the chunk's per-frame features (`chunk_features`), 0 where not computed."""
+        def chunk(params, state, features, frame_idx, computed, num_frames, reverse):
+            """`features` and `computed` from `chunk_features`: a frame not computed is replayed."""
             TRACE_COUNTS["chunk"] += 1
 
             def track(f, t):
@@ -129,9 +126,9 @@ class Compiled:
                 i, t, a = x
                 run = lambda st_: track(features.frame(i), t)(st_)
                 # Per frame, outside the object vmap, so the branch is real: a skipped frame costs nothing.
-                return jax.lax.cond(a & ~pinned_by_all(st.cond_valid, st.cond_frame, t), run, replay(t), st)
+                return jax.lax.cond(a, run, replay(t), st)
 
-            return jax.lax.scan(body, state, (jnp.arange(frame_idx.shape[0]), frame_idx, active))
+            return jax.lax.scan(body, state, (jnp.arange(frame_idx.shape[0]), frame_idx, computed))
 
         def batch_features(params, frames, computed):
             TRACE_COUNTS["batch_features"] += 1
@@ -240,9 +237,8 @@ def iter_propagate(params, config, state: TrackerState, frames, start_frame_idx:
         idx = order[k:k + size]
         n = len(idx)
         padded = idx + [idx[-1]] * (size - n)
-        features = chunk_features(fns, params, state, frames, idx)
-        active = np.arange(size) < n
-        state, outs = fns.chunk(params, state, features, np.asarray(padded, np.int32), active,
+        features, computed = chunk_features(fns, params, state, frames, idx)
+        state, outs = fns.chunk(params, state, features, np.asarray(padded, np.int32), computed,
                                 np.int32(num_frames), np.bool_(reverse))
         outs = jax.tree.map(lambda x, n=n: np.asarray(x)[:n], outs)
         yield idx, outs, state

@@ -20,7 +20,6 @@ from flax import struct
 
 from medsam2_jax.tracker.policies import make_policy
 from medsam2_jax.tracker.policies.base import MEMORY_DTYPE
-from medsam2_jax.tracker.policies.fifo import write_ring
 
 
 @struct.dataclass
@@ -34,20 +33,6 @@ class TrackerState:
     cond_valid: jax.Array  # (Kc,) bool
     # The memory policy's entries (`policies.make_policy(...).init()`).
     bank: Any
-
-    # Views of the policy's bank: every built-in bank holds spatial memories `mem` (K, s, s, Cm);
-    # fifo's ring also `mem_frame` and `mem_valid`.
-    @property
-    def mem(self):
-        return self.bank.mem
-
-    @property
-    def mem_frame(self):
-        return self.bank.mem_frame
-
-    @property
-    def mem_valid(self):
-        return self.bank.mem_valid
 
 
 @struct.dataclass
@@ -138,8 +123,3 @@ def write_cond(state: TrackerState, frame_idx, mem, ptr, mask, score, write=True
         cond_frame=_put(state.cond_frame, slot, jnp.asarray(frame_idx, jnp.int32), write),
         cond_valid=_put(state.cond_valid, slot, jnp.asarray(True), write),
     )
-
-
-def write_recent(state: TrackerState, frame_idx, mem, ptr, write=True) -> TrackerState:
-    """fifo: a tracked frame enters the ring of recent frames (`policies.fifo.write_ring`)."""
-    return state.replace(bank=write_ring(state.bank, frame_idx, mem, ptr, write))

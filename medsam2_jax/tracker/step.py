@@ -29,11 +29,6 @@ from medsam2_jax.tracker.policies.fifo import Fifo, FifoBank, pointer_normaliser
 from medsam2_jax.tracker.state import MEMORY_DTYPE, TrackerState, write_cond
 
 
-def frame_features(features) -> sam2.FrameFeatures:
-    """One frame's `sam2.FrameFeatures` (a dict with its three fields is taken too)."""
-    return features if isinstance(features, sam2.FrameFeatures) else sam2.FrameFeatures(**features)
-
-
 def _policy(config, state, policy):
     """`policy`, or SAM 2's fifo when left out (then the state must hold fifo's bank)."""
     if policy is not None:
@@ -216,7 +211,7 @@ def _encode(params, config, vision_features, high_res_masks, score, from_points,
 def prompt_memory(params, config, features, low_res_masks, object_score_logits):
     """Memory of a prompted frame as `propagate_in_video_preflight` encodes it (bfloat16)."""
     high = layers.resize_bilinear(low_res_masks[None], (config.image_size,) * 2, antialias=False)
-    vision_features = frame_features(features).batched().vision_features
+    vision_features = features.batched().vision_features
     return _encode(params, config, vision_features, high, object_score_logits[None], True)
 
 
@@ -230,7 +225,7 @@ def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames,
     `prev_mask_logits` (4s, 4s, 1), clamped by the caller, go in with the points as the official
     `prev_sam_mask_logits` do.
     """
-    f = frame_features(features).batched()
+    f = features.batched()
     vf, pos, hr = f.vision_features, f.vision_pos_enc, f.high_res_features
     has_mask = prompt.has_mask
     outs = {}
@@ -270,7 +265,7 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     `low_res_multimasks` (4s, 4s, M') and `ious` (M',), M' = M with multimask output, else 1.
     """
     policy = _policy(config, state, policy)
-    f = frame_features(features).batched()
+    f = features.batched()
     vf, pos, hr = f.vision_features, f.vision_pos_enc, f.high_res_features
     pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse, policy,
                                       skip_empty=not training)
