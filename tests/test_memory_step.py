@@ -69,6 +69,24 @@ def test_grad_through_a_clip_for_every_policy():
             assert sum(float(np.abs(x).sum()) for x in leaves) > 0, (name, part)
 
 
+def test_self_sorting_reads_with_either_query_source():
+    """`read` topk / sample compare the bank's query keys with the frame's: raw image features
+    (`query_source="image"`) or the frame projected by the memory encoder with an empty mask
+    (`"memory"`, whose query must be one (s, s, Cm) map like the stored memories)."""
+    params, config, feats = model()
+    trainable = {k: params[k] for k in ("memory_encoder", "memory_attention")}
+    for source in ("image", "memory"):
+        for read in ("topk", "sample"):
+            tc = get_tracker_config(memory_policy="self_sorting", K=2, R=1, conf_threshold=0.0, read=read,
+                                    query_source=source)
+            policy = make_policy(config, tc)
+            loss = lambda tr, policy=policy: clip_loss({**params, **tr}, config, policy, feats)
+            value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
+            assert np.isfinite(float(value)), (source, read)
+            leaves = [np.asarray(x) for x in jax.tree.leaves(grads)]
+            assert all(np.isfinite(x).all() for x in leaves), (source, read)
+
+
 @struct.dataclass
 class AllPastBank:
     mem: jax.Array

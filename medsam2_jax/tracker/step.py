@@ -85,7 +85,7 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
 def _policy_read(params, config, state, policy, vision_features, frame_idx, num_frames, reverse, selected):
     """What the policy gives this frame to read (`policy.read`), plus, under fifo, the conditioning
     frames `max_cond_frames_in_attn` left out where SAM 2 reads them as recent ones."""
-    memory_features = _empty_mask_memory(params, config, vision_features)[0] if policy.needs_memory_query else None
+    memory_features = _empty_mask_memory(params, config, vision_features) if policy.needs_memory_query else None
     query = Query(frame=frame_idx, num_frames=jnp.asarray(num_frames, jnp.int32), reverse=jnp.asarray(reverse),
                   image_features=vision_features[0], memory_features=memory_features)
     read = policy.read(state, query)
