@@ -9,6 +9,8 @@ common range], resized to the model resolution, and its mask comes back at its o
     masks = segment_one_prompt(images, template, {"box": [x0, y0, x1, y1]}, params=p, config=c)
 
 `segment_one_prompt_batch` runs several such streams (equal lengths) in parallel with `vmap`;
+`segment_one_prompt_sweep` runs one stream for a grid of a policy's numeric knob (`lambda_conf`,
+`conf_threshold`, `temperature` of `self_sorting`) in one compiled call, `vmap` over the values;
 `one_prompt_scan` is the pure function underneath (prompt step, then `lax.scan` of `step`).
 """
 
@@ -22,12 +24,15 @@ from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import config as tracker_config_lib
 from medsam2_jax.tracker import propagate
 from medsam2_jax.tracker import step as step_lib
+from medsam2_jax.tracker.policies import with_knobs
+from medsam2_jax.tracker.policies.base import check_knobs
 from medsam2_jax.tracker.prompts import make_prompt
 from medsam2_jax.tracker.state import CondFrames, state_from_history
 
 
-def one_prompt_scan(params, config, policy, frames, prompt):
-    """frames (N+1, S, S, 3) normalised, template first; prompt a `Prompt`.
+def one_prompt_scan(params, config, policy, frames, prompt, knobs=None):
+    """frames (N+1, S, S, 3) normalised, template first; prompt a `Prompt`; `knobs` a dict of the
+    policy's traced knobs (`with_knobs`), else the tracker config's values.
 
     Returns (final state, outputs of frames 1..N with a leading frame axis: low_res_masks,
     object_score_logits, bank_frames, ...) and the template's low-res mask logits.
@@ -39,6 +44,8 @@ def one_prompt_scan(params, config, policy, frames, prompt):
                           ptr=first["obj_ptr"][None], mask=first["low_res_masks"][None],
                           score=first["object_score_logits"][None], valid=jnp.ones((1,), bool))
     state = state_from_history(config, policy.tracker_config, policy, template)
+    if knobs:
+        state = with_knobs(policy, state, **knobs)
 
     def body(st, i):
         st, out = step_lib.track_frame(params, config, st, feats.frame(i), i, n, False, True, policy)
@@ -133,3 +140,34 @@ def segment_one_prompt_batch(streams, *, params, config, tracker_config=None):
     _, outs, _ = fn(params, frames, prompts)
     low = np.asarray(outs["low_res_masks"])
     return [_masks(low[b], p[2]) for b, p in enumerate(prepared)]
+
+
+def segment_one_prompt_sweep(images, template_image, prompt, knobs, *, params, config, tracker_config=None,
+                             return_outputs=False):
+    """Masks of one stream for every value of a grid of traced knobs, in one compiled call.
+
+    knobs: {name: (G,) values}, names from the policy's `traced_knobs` (for `self_sorting`:
+    conf_threshold, lambda_conf, temperature), all of one length G; the other knobs come from
+    `tracker_config`. Returns G lists of masks (one per image), as `segment_one_prompt` gives for
+    each value: the scan is `vmap`ped over the values and the images are encoded once. The
+    executable depends on G, not on the values, so a new grid of the same size does not recompile.
+    """
+    tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
+    fns = propagate.compiled(config, tracker_config)
+    values = {k: np.asarray(v, np.float32).reshape(-1) for k, v in knobs.items()}
+    if not values or len({v.shape[0] for v in values.values()}) != 1:
+        raise ValueError("knobs must name at least one knob, every one with the same number of values")
+    check_knobs(fns.policy, values)  # before the images are prepared
+    frames, p, sizes = _stream(images, template_image, prompt, config, tracker_config)
+
+    def build():
+        def fn(params, frames, prompt, knobs):
+            propagate.TRACE_COUNTS["one_prompt_sweep"] += 1
+            return one_prompt_scan(params, fns.config, fns.policy, frames, prompt, knobs)
+
+        return jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))
+
+    _, outs, _ = fns.get(("one_prompt_sweep", tuple(sorted(values))), build)(params, frames, p, values)
+    outs = jax.tree.map(np.asarray, outs)
+    masks = [_masks(low, sizes) for low in outs["low_res_masks"]]
+    return (masks, outs) if return_outputs else masks

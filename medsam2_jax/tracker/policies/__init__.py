@@ -6,10 +6,11 @@
     medsam2_released.py  the rule of the released MedSAM-2 2D code
 
 `make_policy(config, tracker_config)` builds the one `tracker_config.memory_policy` names;
-`register_policy(name, cls)` adds a researcher's own.
+`register_policy(name, cls)` adds a researcher's own; `with_knobs(policy, state, **values)` sets the
+numeric knobs a policy keeps traced (a sweep vmaps over them).
 """
 
-from medsam2_jax.tracker.policies.base import Entry, MemoryPolicy, MemoryRead, Query
+from medsam2_jax.tracker.policies.base import Entry, MemoryPolicy, MemoryRead, Query, with_knobs
 from medsam2_jax.tracker.policies.fifo import Fifo
 from medsam2_jax.tracker.policies.medsam2_released import Medsam2Released
 from medsam2_jax.tracker.policies.self_sorting import SelfSorting
@@ -30,4 +31,4 @@ def make_policy(config, tracker_config) -> MemoryPolicy:
 
 
 __all__ = ["Entry", "Fifo", "Medsam2Released", "MemoryPolicy", "MemoryRead", "Query", "REGISTRY", "SelfSorting",
-           "make_policy", "register_policy"]
+           "make_policy", "register_policy", "with_knobs"]

@@ -103,6 +103,9 @@ class MemoryPolicy:
     entry_extras: tuple = ("iou", "object_score", "image_features", "conditioned_features")
     # How many frames behind the start frame a rebuilt bank replays (None: all the store holds).
     history_reach = None
+    # Numeric tracker-config knobs the bank carries as () float32 arrays instead of compiling them
+    # in: `with_knobs` sets them on a state, so one compiled function sweeps a grid of values (vmap).
+    traced_knobs: tuple = ()
 
     def __init__(self, config, tracker_config):
         self.config, self.tracker_config = config, tracker_config
@@ -119,6 +122,21 @@ class MemoryPolicy:
     def held_frames(self, state) -> jax.Array:
         """Frame index per slot of the bank (-1 where empty), in the bank's own slot order."""
         raise NotImplementedError
+
+
+def check_knobs(policy, names) -> None:
+    """Refuse knob names the policy compiles in (not in `policy.traced_knobs`)."""
+    unknown = sorted(set(names) - set(policy.traced_knobs))
+    if unknown:
+        raise ValueError(f"policy {policy.name!r} cannot sweep {unknown}: its traced knobs are "
+                         f"{list(policy.traced_knobs)}; set the others in the tracker config")
+
+
+def with_knobs(policy, state, **knobs):
+    """`state` with its bank's traced knobs set (scalars, or arrays under `vmap`)."""
+    check_knobs(policy, knobs)
+    bank = state.bank.replace(**{k: jnp.asarray(v, jnp.float32) for k, v in knobs.items()})
+    return state.replace(bank=bank)
 
 
 def put(arr, slot, value, write):

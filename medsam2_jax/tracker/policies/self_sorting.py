@@ -11,7 +11,9 @@ Order-free: the bank keeps the K most informative entries, whatever their frame 
 - Read: `all` slots, the `R` most similar to the query (`topk`), or `R` draws with replacement
   from `softmax(sim / temperature)` (`sample`). Temporal encoding by rank, or one shared row.
 Selection never carries gradients (keys and confidences are `stop_gradient`ed); the stored
-memories and pointers do.
+memories and pointers do. The numeric knobs (`conf_threshold`, `lambda_conf`, `temperature`) live
+in the bank as arrays, not in the compiled code: `sweep.with_knobs` sets them, so one compiled
+function can `vmap` over a grid of their values.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class SortedBank:
     written: jax.Array  # (K,) int32 write order (ties go to the newer entry)
     count: jax.Array  # () int32 accepted writes so far
     rng: jax.Array  # PRNG key of `read = "sample"`, folded with the frame index
+    conf_threshold: jax.Array  # () f32, the knobs of the tracker config (`traced_knobs`)
+    lambda_conf: jax.Array  # () f32
+    temperature: jax.Array  # () f32
 
 
 def confidence(iou, object_score):
@@ -59,6 +64,7 @@ def rank_order(s, written):
 
 class SelfSorting(MemoryPolicy):
     name = "self_sorting"
+    traced_knobs = ("conf_threshold", "lambda_conf", "temperature")
 
     @property
     def needs_memory_query(self):
@@ -80,13 +86,14 @@ class SelfSorting(MemoryPolicy):
             score=jnp.full((k,), -jnp.inf, jnp.float32), conf=jnp.zeros((k,), jnp.float32),
             key=jnp.zeros((k, grid * c.mem_dim), jnp.float32), query_key=jnp.zeros((k, dq), jnp.float32),
             written=jnp.zeros((k,), jnp.int32), count=jnp.zeros((), jnp.int32),
-            rng=jax.random.PRNGKey(tc.seed))
+            rng=jax.random.PRNGKey(tc.seed),
+            **{name: jnp.asarray(tc[name], jnp.float32) for name in self.traced_knobs})
 
     def write(self, state, entry, active):
         tc, b = self.tracker_config, state.bank
         k = b.valid.shape[0]
         conf = jax.lax.stop_gradient(confidence(entry.iou, entry.object_score))
-        accept = jnp.asarray(active) & (conf >= tc.conf_threshold) & (entry.object_score > 0)
+        accept = jnp.asarray(active) & (conf >= b.conf_threshold) & (entry.object_score > 0)
         key = jax.lax.stop_gradient(pooled_key(entry.mem, tc.key_pool))
         qsrc = entry.mem if tc.query_source == "memory" else entry.image_features
         qkey = jax.lax.stop_gradient(pooled_key(qsrc, tc.key_pool))
@@ -94,15 +101,16 @@ class SelfSorting(MemoryPolicy):
         cand = SortedBank(
             mem=cat(b.mem, entry.mem), ptr=cat(b.ptr, entry.ptr), frame=cat(b.frame, entry.frame),
             valid=cat(b.valid, accept), score=cat(b.score, 0.0), conf=cat(b.conf, conf), key=cat(b.key, key),
-            query_key=cat(b.query_key, qkey), written=cat(b.written, b.count), count=b.count, rng=b.rng)
+            query_key=cat(b.query_key, qkey), written=cat(b.written, b.count), count=b.count, rng=b.rng,
+            conf_threshold=b.conf_threshold, lambda_conf=b.lambda_conf, temperature=b.temperature)
         # Full bank: the top K of K + 1 survive. Not full: every valid candidate is in the first K.
-        s = scores(cand.key, cand.conf, cand.valid, tc.lambda_conf)
+        s = scores(cand.key, cand.conf, cand.valid, b.lambda_conf)
         keep = rank_order(s, cand.written)[:k]
         take = lambda x: x[keep]
         survivors = cand.replace(**{f: take(getattr(cand, f)) for f in
                                     ("mem", "ptr", "frame", "valid", "conf", "key", "query_key", "written")})
         # Re-score over the entries held and store them sorted.
-        s = scores(survivors.key, survivors.conf, survivors.valid, tc.lambda_conf)
+        s = scores(survivors.key, survivors.conf, survivors.valid, b.lambda_conf)
         order = rank_order(s, survivors.written)
         new = survivors.replace(score=s, count=b.count + 1)
         new = new.replace(**{f: getattr(new, f)[order] for f in
@@ -121,7 +129,7 @@ class SelfSorting(MemoryPolicy):
             if tc.read == "topk":
                 idx = jax.lax.top_k(jnp.where(b.valid, sim, -jnp.inf), tc.R)[1]
             else:
-                logits = jnp.where(b.valid, sim / tc.temperature, -jnp.inf)
+                logits = jnp.where(b.valid, sim / b.temperature, -jnp.inf)
                 logits = jnp.where(b.valid.any(), logits, 0.0)  # an empty bank: draws are all masked
                 rng = jax.random.fold_in(b.rng, query.frame)
                 idx = jax.random.categorical(rng, logits, shape=(tc.R,))
