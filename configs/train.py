@@ -57,6 +57,10 @@ DEMO_VARIANTS = ("demo_images", "demo_tracking", "demo", "demo_stop", "demo_stop
 
 
 def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
+    known = ("test_tiny", *DEMO_VARIANTS, *model_configs.VARIANTS)
+    if variant not in known:
+        raise ValueError(f"unknown training variant {variant!r}; choose one of: {', '.join(known)} (a model "
+                         f"variant trains that model with its defaults)")
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.model = "test" if variant == "test_tiny" else "demo" if variant in DEMO_VARIANTS else variant
@@ -319,7 +323,4 @@ def get_config(variant: str = "sam2.1_tiny") -> ml_collections.ConfigDict:
                 c.loss.mask_on_absent = True
                 c.prompts.prob_point_input = 0.6
                 c.prompts.prob_box_input = 0.8
-    elif variant not in model_configs.VARIANTS:
-        raise ValueError(f"unknown training variant {variant!r}; choose test or one of: "
-                         f"{', '.join(model_configs.VARIANTS)}")
     return c

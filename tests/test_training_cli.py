@@ -44,7 +44,8 @@ def _train(argv, capsys):
     (["--config", "configs/train.py:demo"],
      "error: --config: no such file configs/train.py; the packaged configs need no path: "
      "--config demo (or medsam2_jax.configs.train:demo)"),
-    (["--config", "dmeo"], "error: --config dmeo: unknown"),
+    (["--config", "dmeo"],  # the training variants are listed, not only the model variants
+     "error: --config dmeo: unknown training variant 'dmeo'; choose one of: test_tiny, demo_images, demo_tracking"),
     (["--config", "medsam2_jax.configs.trian:demo"], "error: --config: no module medsam2_jax.configs.trian"),
     (["--config", "demo", "--config.dta.manifest=m.jsonl"], "error: --config.dta.manifest: no such field"),
 ])
