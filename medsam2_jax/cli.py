@@ -337,7 +337,7 @@ def cmd_segment_2d(args) -> int:
     if not out_dir.is_dir():
         raise UserError(f"the output folder {out_dir} does not exist; create it first")
     check_output_folder(out_dir / "probe.png")
-    targets = _mask_paths(out_dir, args.images)
+    targets = _mask_paths(out_dir, [args.template, *args.images])
     template = load_image_2d(args.template)
     images = [load_image_2d(p) for p in args.images]
     h, w = template.shape[:2]
@@ -365,11 +365,18 @@ def cmd_segment_2d(args) -> int:
             raise UserError(f"prompt point ({x:g}, {y:g}) lies outside the {w}x{h} template")
     model = _model(args)
     masks = segment_one_prompt(images, template, prompt, params=model.params, config=model.config,
-                               tracker_config=get_tracker_config(memory_policy=args.policy))
-    for src, target, mask in zip(args.images, targets, masks):
+                               tracker_config=get_tracker_config(memory_policy=args.policy), with_template=True)
+    for src, target, mask in zip([args.template, *args.images], targets, masks):
         with atomic_path(target) as tmp:
             Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
-        print(f"{src}: {int(mask.sum())} px -> {target}")
+        print(f"{src}: {int(mask.sum())} px -> {target}" + (" (the template)" if src == args.template else ""))
+    if not args.no_montage:
+        from medsam2_jax.volumes.montage import write_montage_2d
+
+        montage = write_montage_2d([template, *images], masks, out_dir / "montage.png",
+                                   names=[Path(p).name for p in [args.template, *args.images]], prompt=prompt,
+                                   title=f"One-Prompt 2D, memory policy {args.policy}")
+        print(f"montage: {montage}")
     return 0
 
 
@@ -527,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         "segment-2d",
         help="One-Prompt 2D: segment a set of images from one prompted template",
         description="The template carries the prompt; every other image (any size, grey or RGB) is segmented "
-        "from the memory bank alone. Writes one binary mask PNG per image into --out-dir.",
+        "from the memory bank alone. Writes one binary mask PNG per image (the template's too: the "
+        "decoder's answer to its prompt) and an overview montage.png into --out-dir.",
     )
     t.add_argument("template", help="the prompted image (PNG, TIFF or JPEG)")
     t.add_argument("images", nargs="+", help="the images to segment")
@@ -536,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--point", action="append", metavar="X,Y", help="a foreground click on the template")
     t.add_argument("--neg-point", action="append", metavar="X,Y", help="a background click on the template")
     t.add_argument("--mask", help="a mask image of the template (non-zero = object)")
+    t.add_argument("--no-montage", action="store_true", help="skip montage.png (the template and up to 11 "
+                   "images with their masks)")
     model_options(t)
     t.set_defaults(func=cmd_segment_2d)
 

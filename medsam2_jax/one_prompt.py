@@ -112,19 +112,22 @@ def _stream(images, template_image, prompt, config, tracker_config):
 
 
 def segment_one_prompt(images, template_image, prompt, *, params, config, tracker_config=None,
-                       return_outputs=False):
+                       return_outputs=False, with_template=False):
     """Boolean masks, one per image at its own size, from one prompted template.
 
     prompt: a dict with any of `points` (N, 2) xy + `labels` (N,), `box` (x0, y0, x1, y1) in
-    template pixels, or `mask` (H, W) of the template. With `return_outputs`, also the per-image
-    outputs (object scores, which frames the bank held after each image, ...).
+    template pixels, or `mask` (H, W) of the template. With `with_template`, the template's own
+    mask (the decoder's answer to the prompt) comes first. With `return_outputs`, also the
+    per-image outputs (object scores, which frames the bank held after each image, ...).
     """
     tracker_config = tracker_config or tracker_config_lib.get_tracker_config()
     frames, p, sizes = _stream(images, template_image, prompt, config, tracker_config)
     fn = _compiled(config, tracker_config, False)
-    _, outs, _ = fn(params, frames, p)
+    _, outs, first = fn(params, frames, p)
     outs = jax.tree.map(np.asarray, outs)
     masks = _masks(outs["low_res_masks"], sizes)
+    if with_template:
+        masks = _masks(np.asarray(first)[None], [np.shape(template_image)[:2]]) + masks
     return (masks, outs) if return_outputs else masks
 
 

@@ -35,10 +35,10 @@ def _run(argv, capsys):
 
 @pytest.mark.parametrize("option", [
     ("--window", "brain"), ("--level", "40"), ("--width", "400"), ("--multi-orientation",), ("--fusion", "vote"),
-    ("--probabilities",), ("--largest-component",), ("--no-montage",),
+    ("--probabilities",), ("--largest-component",), ("--axis", "coronal"),
 ])
 def test_segment_2d_refuses_the_3d_options(tmp_path, capsys, option):
-    """segment-2d has no window, no third axis and no montage: their options are refused, not ignored."""
+    """segment-2d has no window and no third axis: their options are refused, not ignored."""
     with pytest.raises(SystemExit) as exit_:
         cli.main(["segment-2d", "t.png", "a.png", "--box", "1,1,5,5", "--out-dir", str(tmp_path), *option])
     assert exit_.value.code == 2

@@ -332,9 +332,12 @@ def test_segment_2d_on_nuclei_crops(tmp_path, capsys, ckpt):
     code, stdout, err = _run(["segment-2d", paths[0], *paths[1:], "--box", "20,20,70,70", "--out-dir", str(out),
                               "--checkpoint", ckpt, "--config", "test", "--policy", "self_sorting"], capsys)
     assert code == 0, err
-    for p, (h, w) in zip(paths[1:], [(96, 160), (150, 120)]):
+    # Every image's mask at its own size, the template's too (its decoder answer), and a montage.
+    for p, (h, w) in zip(paths, [(128, 128), (96, 160), (150, 120)]):
         mask = np.asarray(Image.open(out / (Path(p).stem + "_mask.png")))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+    assert "(the template)" in stdout
+    assert Image.open(out / "montage.png").size[0] > 0
     code, _, err = _run(["segment-2d", paths[0], paths[1], "--box", "20,20,20,70", "--out-dir", str(out),
                          "--config", "test"], capsys)
     assert code == 2 and "zero area" in err

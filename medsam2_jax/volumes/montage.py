@@ -144,3 +144,47 @@ def _object_colours(object_ids: list[int]) -> dict[int, tuple]:
 
     palette = colormaps["tab10" if len(object_ids) <= 10 else "tab20"]
     return {object_id: palette(index % palette.N) for index, object_id in enumerate(object_ids)}
+
+
+def write_montage_2d(images: list[np.ndarray], masks: list[np.ndarray], path: str | Path, *, names: list[str],
+                     prompt: dict, count: int = 12, title: str = "") -> Path:
+    """One-Prompt 2D overview: the template (first) with its prompt and its mask, then up to
+    `count - 1` of the other images evenly over the set, each with its mask's contour. Images are
+    (H, W) or (H, W, C) in any range, shown in their own pixel frame (x right, y down)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    shown = [0] + sorted({int(round(i)) for i in np.linspace(1, len(images) - 1, min(count, len(images)) - 1)}
+                         if len(images) > 1 else [])
+    columns = min(4, len(shown))
+    rows = -(-len(shown) // columns)
+    figure = Figure(figsize=(PANEL_INCHES * columns, PANEL_INCHES * rows + 0.6), facecolor="black")
+    FigureCanvasAgg(figure)
+    for panel, index in enumerate(shown):
+        ax = figure.add_subplot(rows, columns, panel + 1)
+        image = np.asarray(images[index], np.float32)
+        image = image[..., :3].mean(-1) if image.ndim == 3 else image
+        lo, hi = np.percentile(image, (0.5, 99.5))
+        ax.imshow(np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        if masks[index].any():
+            ax.contour(masks[index].astype(np.float32), levels=[0.5], colors=[PREDICTION_COLOUR], linewidths=1.2)
+        if index == 0:
+            if prompt.get("box") is not None:
+                x0, y0, x1, y1 = prompt["box"]
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linestyle="--",
+                                       linewidth=1.2))
+            for (x, y), label in zip(prompt.get("points") or [], prompt.get("labels") or []):
+                ax.plot(x, y, marker="*" if label == 1 else "X", markersize=11, linestyle="none",
+                        color=PREDICTION_COLOUR if label == 1 else "red", markeredgecolor="white")
+            if prompt.get("mask") is not None:
+                ax.contour(np.asarray(prompt["mask"], np.float32), levels=[0.5], colors=["white"],
+                           linestyles="dashed", linewidths=1.0)
+        ax.set_title(("template: " if index == 0 else "") + names[index], color="white", fontsize=9)
+        ax.set_axis_off()
+    _legend(figure, [1], {1: "mask"}, {1: PREDICTION_COLOUR})
+    figure.suptitle(title, color="white", fontsize=10)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100, facecolor="black")
+    return Path(path)
