@@ -153,3 +153,16 @@ def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
     assert where == (None if expected is None else str(tmp_path / expected))
+
+
+def test_default_policies_are_the_measured_best():
+    """Issue 14 part 3: 3D commands default to fifo, One-Prompt 2D to self_sorting (cli.POLICY_3D /
+    POLICY_2D, with the measurements written beside them), and every policy can still be chosen."""
+    parser = cli.build_parser()
+    box3d, box2d = ["--box", "1,1,5,5@0"], ["--box", "1,1,5,5"]
+    assert parser.parse_args(["segment", "v.nii.gz", *box3d, "--out", "o.nii.gz"]).policy == "fifo"
+    assert parser.parse_args(["demo"]).policy == "fifo"
+    assert parser.parse_args(["evaluate"]).policy == "fifo"
+    two_d = ["segment-2d", "t.png", "a.png", *box2d, "--out-dir", "o"]
+    assert parser.parse_args(two_d).policy == "self_sorting"
+    assert parser.parse_args([*two_d, "--policy", "fifo"]).policy == "fifo"
