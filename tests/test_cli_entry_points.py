@@ -156,13 +156,26 @@ def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env
 
 
 def test_default_policies_are_the_measured_best():
-    """Issue 14 part 3: 3D commands default to fifo, One-Prompt 2D to self_sorting (cli.POLICY_3D /
-    POLICY_2D, with the measurements written beside them), and every policy can still be chosen."""
+    """Issue 14 part 3: 3D commands default to fifo, One-Prompt 2D to self_sorting, segment with a
+    slice range on every object to self_sorting (cli.POLICY_*, with the measurements written beside
+    them), and every policy can still be chosen."""
     parser = cli.build_parser()
     box3d, box2d = ["--box", "1,1,5,5@0"], ["--box", "1,1,5,5"]
-    assert parser.parse_args(["segment", "v.nii.gz", *box3d, "--out", "o.nii.gz"]).policy == "fifo"
+    assert parser.parse_args(["segment", "v.nii.gz", *box3d, "--out", "o.nii.gz"]).policy is None  # by the prompts
     assert parser.parse_args(["demo"]).policy == "fifo"
     assert parser.parse_args(["evaluate"]).policy == "fifo"
     two_d = ["segment-2d", "t.png", "a.png", *box2d, "--out-dir", "o"]
     assert parser.parse_args(two_d).policy == "self_sorting"
     assert parser.parse_args([*two_d, "--policy", "fifo"]).policy == "fifo"
+
+
+@pytest.mark.parametrize("extra, policy", [
+    ((), "fifo"), (("--z-range", "11:13"), "self_sorting"),
+    (("--z-range", "11:13", "--policy", "medsam2_released"), "medsam2_released"),
+])
+def test_segment_picks_its_policy_by_the_slice_range(tmp_path, capsys, no_model_run, extra, policy):
+    vol = datasets.nibabel_anatomical()
+    code, _, err = _run(["segment", str(vol), "--out", str(tmp_path / "s.nii.gz"), "--box=8,10,24,30@12",
+                         *extra, "--config", "test", "--no-montage"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["memory_policy"] == policy
