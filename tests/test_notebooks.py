@@ -27,7 +27,7 @@ def test_memory_selection_notebook_runs(monkeypatch):
     """The ablation notebook on the shipped model at its smallest: one held-out structure, two
     orders of four images, two-value grids; each numeric grid compiles once."""
     for key, value in dict(MPLBACKEND="Agg", NOTEBOOK_STRUCTURES="1", NOTEBOOK_NUCLEI="0", NOTEBOOK_ORDERS="2",
-                           NOTEBOOK_IMAGES="4", NOTEBOOK_GRID="2", NOTEBOOK_STRUCTURAL="0").items():
+                           NOTEBOOK_IMAGES="4", NOTEBOOK_GRID="2", NOTEBOOK_STRUCTURAL="0", NOTEBOOK_LOOP="0").items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("NOTEBOOK_OUT", raising=False)
     scope = runpy.run_path(os.fspath(NOTEBOOKS / "memory_selection.py"), run_name="__main__")
