@@ -60,6 +60,7 @@ def test_forward_sam_heads(ref, multimask, prompt):
                                             multimask_output=multimask, **tkw)
     ours = S.forward_sam_heads(params, jnp.asarray(feat), config, high_res_features=[jnp.asarray(h) for h in hr],
                                multimask_output=multimask, **kw)
+    ours["low_res_multimasks"], ours["ious"] = S.multimask_candidates(ours, multimask)
     _compare_heads(ours, official)
     # The traced multimask flag selects the same outputs as the static one.
     traced = S.forward_sam_heads(params, jnp.asarray(feat), config, high_res_features=[jnp.asarray(h) for h in hr],
@@ -83,6 +84,7 @@ def test_no_object_path(ref):
     head["bias"] = head["bias"] - 50.0
     ours = S.forward_sam_heads(params, jnp.asarray(feat), config, high_res_features=[jnp.asarray(h) for h in hr],
                                multimask_output=True)
+    ours["low_res_multimasks"], ours["ious"] = S.multimask_candidates(ours, True)
     assert np.all(np.asarray(ours["low_res_masks"]) == S.NO_OBJ_SCORE)
     _compare_heads(ours, official)
 

@@ -17,7 +17,7 @@ from medsam2_jax.model.sam2 import init_params
 from medsam2_jax.tracker.config import get_tracker_config
 from medsam2_jax.tracker.policies import Fifo, register_policy
 from medsam2_jax.training import prompts
-from medsam2_jax.training.train_step import batch_forward, training_model_config
+from medsam2_jax.training.train_step import batch_forward
 
 T, N, SIZE = 6, 2, 64
 
@@ -48,7 +48,7 @@ register_policy("counting_fifo", CountingFifo)
 @pytest.fixture(scope="module")
 def setup():
     config = get_config("test_tiny")
-    model_config = training_model_config(config.model_config)
+    model_config = config.model_config
     params = jax.jit(lambda: init_params(jax.random.key(0), model_config))()
     masks = np.zeros((1, T, N, SIZE, SIZE), np.uint8)
     for t in range(T):
@@ -112,8 +112,9 @@ def test_traced_multimask_candidates_match_static(setup):
     pts, lab = jnp.asarray([[[12.0, 10.0], [33.0, 29.0]]]), jnp.asarray([[2, 3]])
 
     def heads(flag):
-        return sam2.forward_sam_heads(params, pix, model_config, pts, lab,
-                                      high_res_features=feats.high_res_features, multimask_output=flag)
+        out = sam2.forward_sam_heads(params, pix, model_config, pts, lab,
+                                     high_res_features=feats.high_res_features, multimask_output=flag)
+        return dict(zip(("low_res_multimasks", "ious"), sam2.multimask_candidates(out, flag)))
 
     for flag in (True, False):
         static, traced = heads(flag), jax.jit(heads)(jnp.asarray(flag))
@@ -203,6 +204,7 @@ def test_conditioning_frame_sees_the_prompt(setup, kind):
     ref = sam2.forward_sam_heads(params, sam2.add_no_mem_embed(params, feats.vision_features), model_config,
                                  jnp.asarray([points], jnp.float32), lab, high_res_features=feats.high_res_features,
                                  multimask_output=kind == "click", point_mask=lab >= 0)
+    ref = dict(zip(("low_res_multimasks", "ious"), sam2.multimask_candidates(ref, kind == "click")))
     m = model_config.mask_decoder.num_multimask_outputs
     ref_masks = jax.image.resize(ref["low_res_multimasks"][0], (SIZE, SIZE, ref["low_res_multimasks"].shape[-1]),
                                  "bilinear", antialias=False)
@@ -231,8 +233,9 @@ def test_box_mask_prompt_leaves_frames_without_a_box_alone():
 
     def run(config, points, labels):
         lab = jnp.asarray([labels], jnp.int32)
-        out = sam2.forward_sam_heads(params, pix, config, jnp.asarray([points], jnp.float32), lab,
-                                     high_res_features=hr, point_mask=lab >= 0)
+        coords = jnp.asarray([points], jnp.float32)
+        out = sam2.forward_sam_heads(params, pix, config, coords, lab, high_res_features=hr, point_mask=lab >= 0,
+                                     **sam2.box_mask_prompt(config, coords, lab, lab >= 0))
         return np.concatenate([np.ravel(out[k]) for k in ("low_res_masks", "iou", "object_score_logits")])
 
     click = ([[40.0, 50.0], [0.0, 0.0]], [1, -1])

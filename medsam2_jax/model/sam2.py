@@ -114,53 +114,55 @@ def add_no_mem_embed(params, vision_features):
     return vision_features + params["no_mem_embed"][0, 0]
 
 
-def _obj_ptr(params, token, object_score_logits, config, is_obj_appearing=None):
+def _obj_ptr(params, token, is_obj_appearing, object_score_logits, config):
+    """The object pointer from a mask token, blended towards `no_obj_ptr` where no object appears."""
     proj = params["obj_ptr_proj"]
     obj_ptr = layers.mlp(proj, token) if "layers" in proj else layers.linear(proj, token)
+    if config.soft_no_obj_ptr:
+        lambda_is_obj_appearing = jax.nn.sigmoid(object_score_logits)
+    else:
+        lambda_is_obj_appearing = is_obj_appearing.astype(jnp.float32)
+    return _mix_no_obj_ptr(params, obj_ptr, lambda_is_obj_appearing, config)
+
+
+def _mix_no_obj_ptr(params, obj_ptr, lambda_is_obj_appearing, config):
+    """With `pred_obj_scores`, the pointer of an absent object (lambda 0) becomes `no_obj_ptr`."""
     if config.pred_obj_scores:
-        if is_obj_appearing is None:
-            is_obj_appearing = object_score_logits > 0
-        if config.soft_no_obj_ptr:
-            lam = jax.nn.sigmoid(object_score_logits)
-        else:
-            lam = is_obj_appearing.astype(jnp.float32)
         if config.fixed_no_obj_ptr:
-            obj_ptr = lam * obj_ptr
-        obj_ptr = obj_ptr + (1 - lam) * params["no_obj_ptr"]
+            obj_ptr = lambda_is_obj_appearing * obj_ptr
+        obj_ptr = obj_ptr + (1 - lambda_is_obj_appearing) * params["no_obj_ptr"]
     return obj_ptr
 
 
 def forward_sam_heads(params, backbone_features, config, point_coords=None, point_labels=None,
                       mask_inputs=None, high_res_features=None, multimask_output=False,
-                      point_mask=None):
+                      point_mask=None, mask_valid=None):
     """`_forward_sam_heads`. `multimask_output` may be a Python bool or a traced bool scalar.
 
     point_coords (B, N, 2) xy in the model frame, point_labels (B, N) int; mask_inputs
     (B, H, W, 1) logits at any size (resized to the decoder's mask-input size with antialias).
-    point_mask (B, N) marks real points when prompts are padded to a fixed size.
+    For prompts of a fixed size: point_mask (B, N) marks real points, mask_valid (B,) real
+    mask inputs (the others get the "no mask" embedding, as with no mask_inputs).
 
-    Returns a dict: low_res_masks (B, 4s, 4s, 1), high_res_masks (B, S, S, 1), iou (B,) of the
-    chosen mask, obj_ptr (B, 256), object_score_logits (B, 1), and the candidates a loss scores:
-    low_res_multimasks and ious, (B, 4s, 4s, M) and (B, M) with multimask output, (B, 4s, 4s, 1)
-    and (B, 1) without. With a traced flag both are M wide, the single mask repeated M times
-    (which leaves a best-of-M loss and the IoU mean unchanged), so the decoder runs once.
+    Returns a dict with the same keys and shapes whether `multimask_output` is static or traced:
+    the chosen mask, low_res_masks (B, 4s, 4s, 1), high_res_masks (B, S, S, 1), iou (B,),
+    obj_ptr (B, 256), object_score_logits (B, 1); and the decoder's M multimask candidates,
+    candidate_masks (B, 4s, 4s, M) and candidate_ious (B, M), whatever the flag
+    (`multimask_candidates` gives the official `low_res_multimasks` and `ious` from them).
+    The decoder runs once.
     """
     b = backbone_features.shape[0]
     s = backbone_features.shape[1]
     if point_coords is None:
         point_coords = jnp.zeros((b, 1, 2), jnp.float32)
         point_labels = -jnp.ones((b, 1), jnp.int32)
-    box_prompt = config.get("box_mask_prompt", False) and mask_inputs is None
-    if box_prompt:
-        mask_inputs = box_mask_input(point_coords, point_labels, point_mask, config, 4 * s)
     if mask_inputs is not None and mask_inputs.shape[1:3] != (4 * s, 4 * s):
         mask_inputs = layers.resize_bilinear(mask_inputs.astype(jnp.float32), (4 * s, 4 * s), antialias=True)
     pe_params = params["sam_prompt_encoder"]
     sparse, dense = prompt_encoder(pe_params, config, point_coords, point_labels, mask_inputs)
-    if box_prompt:  # a frame without a box (a click, or tracking) gets SAM 2's "no mask" embedding
-        has_box = _has_box(point_labels, _valid_points(point_labels, point_mask))
+    if mask_valid is not None:
         no_mask = jnp.broadcast_to(pe_params["no_mask_embed"][0], dense.shape).astype(dense.dtype)
-        dense = jnp.where(has_box[:, None, None, None], dense, no_mask)
+        dense = jnp.where(mask_valid[:, None, None, None], dense, no_mask)
     token_mask = None
     if point_mask is not None:  # the padding point appended by the prompt encoder is real
         token_mask = jnp.concatenate([point_mask, jnp.ones((b, 1), bool)], axis=1)
@@ -194,29 +196,57 @@ def forward_sam_heads(params, backbone_features, config, point_coords=None, poin
     iou = jnp.where(mm, multi_iou, single_iou)
     token = jnp.where(mm, multi_token, single_token)
     high_res = layers.resize_bilinear(low_res, (config.image_size, config.image_size), antialias=False)
-    out = {
+    return {
         "low_res_masks": low_res,
         "high_res_masks": high_res,
         "iou": iou,
-        "obj_ptr": _obj_ptr(params, token, obj_logits, config, is_obj),
+        "obj_ptr": _obj_ptr(params, token, is_obj, obj_logits, config),
         "object_score_logits": obj_logits,
+        "candidate_masks": jnp.moveaxis(all_masks[:, 1:], 1, -1).astype(jnp.float32),
+        "candidate_ious": all_ious[:, 1:],
     }
-    multi_masks = jnp.moveaxis(all_masks[:, 1:], 1, -1).astype(jnp.float32)
-    if isinstance(multimask_output, bool):
-        if multimask_output:
-            out["low_res_multimasks"], out["ious"] = multi_masks, all_ious[:, 1:]
-        else:
-            out["low_res_multimasks"], out["ious"] = low_res, iou[:, None]
-    else:
-        out["low_res_multimasks"] = jnp.where(mm, multi_masks, jnp.broadcast_to(low_res, multi_masks.shape))
-        out["ious"] = jnp.where(mm, all_ious[:, 1:], jnp.broadcast_to(iou[:, None], all_ious[:, 1:].shape))
-    return out
+
+
+def multimask_candidates(sam, multimask_output):
+    """The official `_forward_sam_heads`' `low_res_multimasks` (B, 4s, 4s, M) and `ious` (B, M)
+    from `forward_sam_heads`' outputs, at one width M: the M candidates with multimask output,
+    else the chosen mask repeated M times (which leaves SAM2Train's best-of-M loss and its IoU
+    mean unchanged). `multimask_output` static or traced, as forward_sam_heads got it."""
+    mm = jnp.asarray(multimask_output)
+    masks, ious = sam["candidate_masks"], sam["candidate_ious"]
+    return (jnp.where(mm, masks, jnp.broadcast_to(sam["low_res_masks"], masks.shape)),
+            jnp.where(mm, ious, jnp.broadcast_to(sam["iou"][:, None], ious.shape)))
+
+
+def use_multimask(config, is_init_cond_frame, num_points):
+    """`_use_multimask`: whether the SAM heads output the best of M candidates. A Python bool when
+    `is_init_cond_frame` and `num_points` are Python values, else a traced bool."""
+    if not (config.multimask_output_in_sam and (is_init_cond_frame or config.multimask_output_for_tracking)):
+        return False
+    return (config.multimask_min_pt_num <= num_points) & (num_points <= config.multimask_max_pt_num)
+
+
+def box_mask_prompt(config, point_coords=None, point_labels=None, point_mask=None, mask_inputs=None,
+                    batch_size: int = 1) -> dict:
+    """The mask-input arguments of `forward_sam_heads` for a prompt (`mask_inputs`, `mask_valid`):
+    `mask_inputs` as given; for a model trained with `config.box_mask_prompt` and no mask input,
+    the box drawn as one (`box_mask_input`), valid where the prompt holds a box, so that a click
+    or a tracked frame (no points: `batch_size` frames) gets SAM 2's `no_mask_embed` as without
+    the option."""
+    if not config.get("box_mask_prompt", False) or mask_inputs is not None:
+        return {"mask_inputs": mask_inputs}
+    if point_coords is None:  # what forward_sam_heads uses for no points
+        point_coords = jnp.zeros((batch_size, 1, 2), jnp.float32)
+        point_labels = -jnp.ones((batch_size, 1), jnp.int32)
+    size = 4 * (config.image_size // config.backbone_stride)
+    return {"mask_inputs": box_mask_input(point_coords, point_labels, point_mask, config, size),
+            "mask_valid": _has_box(point_labels, _valid_points(point_labels, point_mask))}
 
 
 def box_mask_input(point_coords, point_labels, point_mask, config, size: int):
     """(B, size, size, 1) mask-input logits: +10 inside the box (the points labelled 2 and 3),
-    -10 elsewhere and everywhere when there is no box (forward_sam_heads then uses SAM 2's
-    `no_mask_embed` instead, so a tracked frame is not read as "a box around nothing").
+    -10 elsewhere and everywhere when there is no box (`box_mask_prompt` then marks the mask
+    input invalid, so a tracked frame is not read as "a box around nothing").
 
     Only for models trained with `config.box_mask_prompt` (the shipped demo model): the box then
     also enters as a dense mask prompt, spatially aligned with the image features, which a model
@@ -260,11 +290,9 @@ def use_mask_as_output(params, backbone_features, high_res_features, mask_inputs
         obj_ptr = sam["obj_ptr"]
     else:
         obj_ptr = jnp.zeros((b, config.hidden_dim), jnp.float32)
+    # As the official code: whether the object appears is read from the mask, not the decoder.
     lam = is_obj.astype(jnp.float32)
-    if config.pred_obj_scores:
-        if config.fixed_no_obj_ptr:
-            obj_ptr = lam * obj_ptr
-        obj_ptr = obj_ptr + (1 - lam) * params["no_obj_ptr"]
+    obj_ptr = _mix_no_obj_ptr(params, obj_ptr, lam, config)
     return {
         "low_res_masks": low_res,
         "high_res_masks": high_res,

@@ -18,7 +18,7 @@ class Prompt:
     labels: jax.Array  # (N,) int32; 1 positive, 0 negative, 2/3 box corners, -1 padding
     point_valid: jax.Array  # (N,) bool
     mask: jax.Array  # (S, S, 1) float32 binary mask at model resolution
-    has_mask: jax.Array  # () bool; a mask prompt replaces the points
+    has_mask: jax.Array  # () bool array (never a Python bool); a mask prompt replaces the points
 
 
 def _padded_size(n: int, max_points: int) -> int:

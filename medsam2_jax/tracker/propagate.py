@@ -136,9 +136,10 @@ class Compiled:
 
         def interact(params, state, features, prompt, frame_idx, num_frames, reverse, prev, *, init_cond, has_mask):
             TRACE_COUNTS["interact"] += 1
-            prompt = prompt.replace(has_mask=has_mask)
-            return step_lib.prompt_frame(params, c, state, features, prompt, frame_idx, num_frames, reverse,
-                                         init_cond=init_cond, prev_mask_logits=prev, policy=policy)
+            if has_mask:
+                return step_lib.mask_prompt_outputs(params, c, features, prompt)
+            return step_lib.point_prompt_outputs(params, c, state, features, prompt, frame_idx, num_frames, reverse,
+                                                 init_cond=init_cond, prev_mask_logits=prev, policy=policy)
 
         def features1(params, frame):
             TRACE_COUNTS["features"] += 1

@@ -58,12 +58,13 @@ class MemoryTokens(NamedTuple):
 
 
 def memory_conditioned_features(params, config, state: TrackerState, vision_features, vision_pos_enc,
-                                frame_idx, num_frames, reverse, policy=None, skip_empty: bool = False):
+                                frame_idx, num_frames, reverse, policy=None, skip_empty: bool = False,
+                                training: bool = False):
     """(1, s, s, C) features fused with the bank for a frame that is not an initial cond frame.
 
     Memory tokens: every conditioning frame (t_pos 0), then what the policy reads; pointer tokens:
-    the conditioning frames' (only past ones in eval), then the policy's. `skip_empty` (static,
-    inference only): attention does not compute the key chunks of empty slots.
+    the conditioning frames' (only past ones in eval, not in `training`), then the policy's.
+    `skip_empty` (static, inference only): attention does not compute the key chunks of empty slots.
     """
     policy = _policy(config, state, policy)
     frame_idx = jnp.asarray(frame_idx, jnp.int32)
@@ -72,7 +73,8 @@ def memory_conditioned_features(params, config, state: TrackerState, vision_feat
     parts = [_cond_tokens(params, config, policy, state, selected), _read_tokens(params, config, policy, read)]
     num_ptr_tokens = 0
     if config.use_obj_ptrs_in_encoder and policy.object_pointers:
-        parts.append(_pointer_tokens(params, config, state, read, selected, frame_idx, num_frames, reverse))
+        parts.append(_pointer_tokens(params, config, state, read, selected, frame_idx, num_frames, reverse,
+                                     training))
         num_ptr_tokens = parts[-1].valid.shape[0]
     memory = MemoryTokens(*(jnp.concatenate(field)[None] for field in zip(*parts)))
     s, c = vision_features.shape[1], config.hidden_dim
@@ -127,12 +129,13 @@ def _read_tokens(params, config, policy, read) -> MemoryTokens:
                         valid=jnp.repeat(read.valid, s * s))
 
 
-def _pointer_tokens(params, config, state, read, selected, frame_idx, num_frames, reverse) -> MemoryTokens:
+def _pointer_tokens(params, config, state, read, selected, frame_idx, num_frames, reverse,
+                    training) -> MemoryTokens:
     """Object pointers, the conditioning frames' (only past ones in eval) then the read ones, each
     split into C / Cm tokens, positioned by their normalised temporal offset (SAM 2.1)."""
     c, cm, f32 = config.hidden_dim, config.mem_dim, jnp.float32
     _, t_diff_max = pointer_normaliser(config, num_frames)
-    if config.only_obj_ptrs_in_the_past_for_eval:
+    if config.only_obj_ptrs_in_the_past_for_eval and not training:
         past = jnp.where(reverse, state.cond_frame >= frame_idx, state.cond_frame <= frame_idx)
     else:
         past = jnp.ones_like(state.cond_valid)
@@ -217,39 +220,45 @@ def prompt_memory(params, config, features, low_res_masks, object_score_logits):
 
 def prompt_frame(params, config, state, features, prompt, frame_idx, num_frames, reverse, *,
                  init_cond: bool, prev_mask_logits=None, policy=None):
-    """The SAM heads for a frame that receives clicks, a box or a mask (no memory encoding).
+    """The SAM heads for a frame that receives clicks, a box or a mask (no memory encoding): both
+    `mask_prompt_outputs` and `point_prompt_outputs`, selected by `prompt.has_mask` (a bool
+    array, may be traced). A caller that knows the kind of prompt calls the one it needs."""
+    mask_out = mask_prompt_outputs(params, config, features, prompt)
+    point_out = point_prompt_outputs(params, config, state, features, prompt, frame_idx, num_frames, reverse,
+                                     init_cond=init_cond, prev_mask_logits=prev_mask_logits, policy=policy)
+    return {k: jnp.where(prompt.has_mask, mask_out[k], point_out[k]) for k in mask_out}
+
+
+def mask_prompt_outputs(params, config, features, prompt):
+    """A mask prompt's outputs: the mask itself (`use_mask_as_output`); no memory is read."""
+    f = features.batched()
+    out = sam2.use_mask_as_output(params, f.vision_features, f.high_res_features, prompt.mask[None], config)
+    return {k: out[k][0] for k in ("low_res_masks", "obj_ptr", "object_score_logits")}
+
+
+def point_prompt_outputs(params, config, state, features, prompt, frame_idx, num_frames, reverse, *,
+                         init_cond: bool, prev_mask_logits=None, policy=None):
+    """Clicks or a box through the SAM heads.
 
     `init_cond` (static): the object has not been tracked on this frame, so no memory is used.
     Otherwise the prompt corrects a tracked frame and the bank is read (`state` must hold it).
-    `prompt.has_mask` may be a Python bool (one path traced) or traced (both, then selected).
     `prev_mask_logits` (4s, 4s, 1), clamped by the caller, go in with the points as the official
     `prev_sam_mask_logits` do.
     """
     f = features.batched()
     vf, pos, hr = f.vision_features, f.vision_pos_enc, f.high_res_features
-    has_mask = prompt.has_mask
-    outs = {}
-    if has_mask is not False:
-        outs[True] = sam2.use_mask_as_output(params, vf, hr, prompt.mask[None], config)
-    if has_mask is not True:
-        if init_cond:
-            pix = sam2.add_no_mem_embed(params, vf)
-        else:
-            pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse,
-                                              policy, skip_empty=True)
-        n = prompt.point_valid.sum()
-        multimask = (config.multimask_output_in_sam and (init_cond or config.multimask_output_for_tracking)) & (
-            (config.multimask_min_pt_num <= n) & (n <= config.multimask_max_pt_num))
-        outs[False] = sam2.forward_sam_heads(
-            params, pix, config, point_coords=prompt.points[None], point_labels=prompt.labels[None],
-            mask_inputs=None if prev_mask_logits is None else prev_mask_logits[None],
-            high_res_features=hr, multimask_output=multimask, point_mask=prompt.point_valid[None])
-    keys = ("low_res_masks", "obj_ptr", "object_score_logits")
-    if len(outs) == 1:
-        out = {k: next(iter(outs.values()))[k][0] for k in keys}
+    if init_cond:
+        pix = sam2.add_no_mem_embed(params, vf)
     else:
-        out = {k: jnp.where(has_mask, outs[True][k][0], outs[False][k][0]) for k in keys}
-    return out
+        pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse,
+                                          policy, skip_empty=True)
+    coords, labels, point_mask = prompt.points[None], prompt.labels[None], prompt.point_valid[None]
+    mask_inputs = None if prev_mask_logits is None else prev_mask_logits[None]
+    out = sam2.forward_sam_heads(
+        params, pix, config, point_coords=coords, point_labels=labels, high_res_features=hr,
+        multimask_output=sam2.use_multimask(config, init_cond, prompt.point_valid.sum()), point_mask=point_mask,
+        **sam2.box_mask_prompt(config, coords, labels, point_mask, mask_inputs))
+    return {k: out[k][0] for k in ("low_res_masks", "obj_ptr", "object_score_logits")}
 
 
 def track_frame(params, config, state: TrackerState, features, frame_idx, num_frames, reverse, active=True,
@@ -260,18 +269,19 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     held in each of the policy's slots after the write (-1: empty), and `entry_extras`, the
     entry's fields the policy's write reads besides memory, pointer and frame index.
 
-    `training` (static) is SAM2Train's training mode: the memory is encoded from the sigmoid of
-    the mask (never binarised), and the outputs add `sam`, the decoder's candidates for the loss:
-    `low_res_multimasks` (4s, 4s, M') and `ious` (M',), M' = M with multimask output, else 1.
+    `training` (static) is SAM2Train's training mode: the pointers of all conditioning frames are
+    read (not only past ones), the memory is encoded from the sigmoid of the mask (never
+    binarised), and the outputs add `sam`, what the loss scores (`sam2.multimask_candidates`):
+    `low_res_multimasks` (4s, 4s, M) and `ious` (M,).
     """
     policy = _policy(config, state, policy)
     f = features.batched()
     vf, pos, hr = f.vision_features, f.vision_pos_enc, f.high_res_features
     pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse, policy,
-                                      skip_empty=not training)
-    multimask = (config.multimask_output_in_sam and config.multimask_output_for_tracking
-                 and config.multimask_min_pt_num <= 0 <= config.multimask_max_pt_num)
-    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
+                                      skip_empty=not training, training=training)
+    multimask = sam2.use_multimask(config, False, 0)
+    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask,
+                                 **sam2.box_mask_prompt(config))
     mem = _encode(params, config, vf, sam["high_res_masks"], sam["object_score_logits"], False, training)
 
     replay, stored = _stored_output(state, frame_idx)
@@ -285,7 +295,8 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     out["bank_frames"] = policy.held_frames(state)
     out["entry_extras"] = _entry_extras(config, policy, entry)
     if training:
-        out["sam"] = {"low_res_multimasks": sam["low_res_multimasks"][0], "ious": sam["ious"][0]}
+        masks, ious = sam2.multimask_candidates(sam, multimask)
+        out["sam"] = {"low_res_multimasks": masks[0], "ious": ious[0]}
     return state, out
 
 

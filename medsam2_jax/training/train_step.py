@@ -18,15 +18,16 @@ Every output (each correction step included) gets the loss with all M masks (a s
 output is repeated M times, which leaves best-of-M and the IoU mean unchanged); the loss is
 `losses.sam2_loss` over the stacked outputs, summed over frames, divided by the valid objects.
 
-Training-mode differences from the tracker's inference step (SAM2Train's `self.training`):
-memory masks are sigmoids, never binarised; pointers of all conditioning frames are used, not
-only past ones. Dropout and drop-path are not applied (our model functions have none). Memories
-are stored in bfloat16 as at inference; gradients pass through the cast.
+Training-mode differences from the tracker's inference step (SAM2Train's `self.training`, our
+static `training=True`): memory masks are sigmoids, never binarised; pointers of all conditioning
+frames are used, not only past ones. Dropout and drop-path are not applied (our model functions
+have none). Memories are stored in bfloat16 as at inference; gradients pass through the cast.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,60 +43,60 @@ from medsam2_jax.training.optimizer import learning_rate_schedule
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def training_model_config(model_config):
-    """The model config as SAM2Train sees it in training mode."""
-    config = model_config.copy_and_resolve_references()
-    config.only_obj_ptrs_in_the_past_for_eval = False
-    return config
+class LossOutputs(NamedTuple):
+    """What the loss scores of one object's outputs (a prompt or correction step, a tracked frame),
+    stacked along any leading axes."""
+
+    masks: jax.Array  # (..., M, S, S) high-res logits of the M candidates
+    ious: jax.Array  # (..., M) predicted IoUs
+    scores: jax.Array  # (...) object-score logits
+    valid: jax.Array  # (...) bool: the output counts in the loss
 
 
-def _to_loss_output(config, low_res_multimasks, ious):
-    """(M, S, S) high-res logits and (M,) IoUs from one object's decoder candidates
-    ((4s, 4s, M') and (M',), M' = M or 1: a single mask is repeated M times)."""
-    m = config.mask_decoder.num_multimask_outputs
+def _loss_outputs(config, low_res_multimasks, ious, scores, valid) -> LossOutputs:
+    """One object's `LossOutputs` from what `sam2.multimask_candidates` gives, (4s, 4s, M) and (M,),
+    the masks upsampled to the image size."""
     size = (config.image_size, config.image_size)
-    masks = layers.resize_bilinear(low_res_multimasks[None], size, antialias=False)[0]  # (S, S, M')
-    masks = jnp.broadcast_to(jnp.moveaxis(masks, -1, 0), (m, *size)).astype(jnp.float32)
-    return masks, jnp.broadcast_to(ious, (m,)).astype(jnp.float32)
+    masks = layers.resize_bilinear(low_res_multimasks[None], size, antialias=False)[0]  # (S, S, M)
+    return LossOutputs(masks=jnp.moveaxis(masks, -1, 0).astype(jnp.float32), ious=ious.astype(jnp.float32),
+                       scores=scores, valid=jnp.asarray(valid))
 
 
-def _sam_heads(params, config, pix, hr, points, labels, point_valid, mask_inputs, multimask):
-    """forward_sam_heads (one decoder run; `multimask` static or traced); returns the state-side
-    outputs and the loss-side (masks, ious)."""
-    sam = sam2.forward_sam_heads(params, pix, config, point_coords=points[None], point_labels=labels[None],
-                                 mask_inputs=mask_inputs, high_res_features=hr, multimask_output=multimask,
-                                 point_mask=point_valid[None])
-    return sam, _to_loss_output(config, sam["low_res_multimasks"][0], sam["ious"][0])
+def _prompted_heads(params, config, pix, hr, points, labels, mask_inputs=None):
+    """forward_sam_heads on a conditioning frame's prompt (one decoder run, padded points with label
+    -1); returns its outputs and their `LossOutputs`."""
+    coords, labels = points[None], labels[None]
+    point_mask = labels >= 0
+    multimask = sam2.use_multimask(config, True, point_mask.sum())
+    sam = sam2.forward_sam_heads(params, pix, config, point_coords=coords, point_labels=labels, high_res_features=hr,
+                                 multimask_output=multimask, point_mask=point_mask,
+                                 **sam2.box_mask_prompt(config, coords, labels, point_mask, mask_inputs))
+    masks, ious = sam2.multimask_candidates(sam, multimask)
+    return sam, _loss_outputs(config, masks[0], ious[0], sam["object_score_logits"][0, 0], True)
 
 
-def _use_multimask(config, num_points):
-    return config.multimask_output_in_sam & (config.multimask_min_pt_num <= num_points) & (
-        num_points <= config.multimask_max_pt_num)
+def _cond_object(params, config, pcfg, *, frame, frame_idx, write, kind, points, labels, gt, key, num_corrections):
+    """One object on one conditioning frame (`frame`, its features with a batch axis, at `frame_idx`;
+    `write` False: an unused slot): prompt, corrections, memory.
 
-
-def _cond_object(params, config, pcfg, frame, kind, points, labels, gt, key, num_corrections):
-    """One object on one conditioning frame: prompt, corrections, memory.
-
-    points (2, 2), labels (2,) from the simulated prompt; gt (S, S). Returns what the bank pins
-    (a dict: mem, ptr, mask, score; `state.CondFrames` stacks them) and the loss outputs of every
-    step: masks (K, M, S, S), ious (K, M), scores (K,), step_valid (K,) with
+    points (2, 2), labels (2,) from the simulated prompt of `kind`; gt (S, S). Returns what the bank
+    pins, a `state.CondFrames` row, and the `LossOutputs` of every step, (K, ...) with
     K = 1 + num_corrections (correction steps in a lax.scan: one compiled decoder pair)."""
-    vf, hr = frame.vision_features, frame.high_res_features  # one frame with its batch axis
+    vf, hr = frame.vision_features, frame.high_res_features
     is_mask = kind == prompts.MASK
     total = 2 + num_corrections
     pts = jnp.zeros((total, 2), jnp.float32).at[:2].set(points)
     lab = jnp.full((total,), -1, jnp.int32).at[:2].set(labels)
     pix = sam2.add_no_mem_embed(params, vf)
-    multimask = _use_multimask(config, (lab >= 0).sum())
-    sam, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, None, multimask)
+    sam, heads_loss = _prompted_heads(params, config, pix, hr, pts, lab)
     # A mask prompt is the output itself (use_mask_as_output); it gets no corrections.
     mask_out = sam2.use_mask_as_output(params, vf, hr, gt.astype(jnp.float32)[None, :, :, None], config)
     m = config.mask_decoder.num_multimask_outputs
-    mask_loss = (jnp.broadcast_to(mask_out["high_res_masks"][0, :, :, 0], (m, *gt.shape)).astype(jnp.float32),
-                 jnp.broadcast_to(mask_out["iou"][0], (m,)).astype(jnp.float32))
-    first = (jnp.where(is_mask, mask_loss[0], loss_out[0]), jnp.where(is_mask, mask_loss[1], loss_out[1]),
-             jnp.where(is_mask, mask_out["object_score_logits"][0, 0], sam["object_score_logits"][0, 0]),
-             jnp.asarray(True))
+    mask_loss = LossOutputs(
+        masks=jnp.broadcast_to(mask_out["high_res_masks"][0, :, :, 0], (m, *gt.shape)).astype(jnp.float32),
+        ious=jnp.broadcast_to(mask_out["iou"][0], (m,)).astype(jnp.float32),
+        scores=mask_out["object_score_logits"][0, 0], valid=jnp.asarray(True))
+    first = jax.tree.map(lambda a, b: jnp.where(is_mask, a, b), mask_loss, heads_loss)
     keys = ("low_res_masks", "high_res_masks", "obj_ptr", "object_score_logits")
     sam = {k: sam[k] for k in keys}
     gt_bool = gt > 0
@@ -108,33 +109,34 @@ def _cond_object(params, config, pcfg, frame, kind, points, labels, gt, key, num
         valid = valid & ~is_mask
         pts = pts.at[index].set(xy)
         lab = lab.at[index].set(jnp.where(valid, label, -1))
-        new, loss_out = _sam_heads(params, config, pix, hr, pts, lab, lab >= 0, sam["low_res_masks"],
-                                   _use_multimask(config, (lab >= 0).sum()))
-        new = {k: new[k] for k in keys}
-        return (new, pts, lab), (*loss_out, new["object_score_logits"][0, 0], ~is_mask)
+        new, loss = _prompted_heads(params, config, pix, hr, pts, lab, mask_inputs=sam["low_res_masks"])
+        return ({k: new[k] for k in keys}, pts, lab), loss._replace(valid=~is_mask)
 
-    outs = [jax.tree.map(lambda x: x[None], first)]
+    steps = [jax.tree.map(lambda x: x[None], first)]
     if num_corrections:
-        (sam, pts, lab), steps = jax.lax.scan(
+        (sam, pts, lab), corrections = jax.lax.scan(
             correct, (sam, pts, lab), (2 + jnp.arange(num_corrections), jax.random.split(key, num_corrections)))
-        outs.append(steps)
+        steps.append(corrections)
     final = {k: jnp.where(is_mask, mask_out[k], sam[k]) for k in keys}
     mem, _ = sam2.encode_new_memory(params, vf, final["high_res_masks"], final["object_score_logits"], ~is_mask,
                                     config, training=True)
-    pinned = {"mem": mem[0], "ptr": final["obj_ptr"][0], "mask": final["low_res_masks"][0],
-              "score": final["object_score_logits"][0]}
-    return pinned, tuple(jnp.concatenate(x) for x in zip(*outs))
+    pinned = tracker_state.CondFrames(frame=frame_idx, mem=mem[0], ptr=final["obj_ptr"][0],
+                                      mask=final["low_res_masks"][0], score=final["object_score_logits"][0],
+                                      valid=write)
+    loss = jax.tree.map(lambda *x: jnp.concatenate(x), *steps)
+    return pinned, loss._replace(valid=loss.valid & write)
 
 
 def _track_object(params, config, policy, state, frame, frame_idx, num_frames):
     """One object on a frame tracked from memory (`tracker.step.track_frame` in training mode):
     the policy decides what enters the bank; a conditioning frame replays its output and writes
-    nothing."""
+    nothing. Returns the state, the `LossOutputs` and the chosen mask (S, S)."""
     state, out = track_frame(params, config, state, frame, frame_idx, num_frames, False, policy=policy,
                              training=True)
-    masks, ious = _to_loss_output(config, out["sam"]["low_res_multimasks"], out["sam"]["ious"])
+    loss = _loss_outputs(config, out["sam"]["low_res_multimasks"], out["sam"]["ious"], out["object_score_logits"][0],
+                         valid=True)  # the clip marks the replayed conditioning frames
     chosen = layers.resize_bilinear(out["low_res_masks"][None], (config.image_size,) * 2, antialias=False)
-    return state, (masks, ious, out["object_score_logits"][0], chosen[0, :, :, 0])
+    return state, (loss, chosen[0, :, :, 0])
 
 
 def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, num_corrections: int, remat=True):
@@ -148,28 +150,25 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
 
     def cond_slot(carry, xs):
         t, write, points, labels, k = xs
-        frame = features.frame(t).batched()
-        cond = functools.partial(_cond_object, params, config, pcfg, frame=frame, kind=clip["prompt_kind"],
-                                 num_corrections=num_corrections)
+        cond = functools.partial(_cond_object, params, config, pcfg, frame=features.frame(t).batched(), frame_idx=t,
+                                 write=write, kind=clip["prompt_kind"], num_corrections=num_corrections)
         fn = lambda p_, l_, g_, k_: cond(points=p_, labels=l_, gt=g_, key=k_)  # noqa: E731
-        pinned, (m_, i_, s_, v_) = jax.vmap(fn)(points, labels, masks_gt[t], jax.random.split(k, n))
-        return carry, (pinned, (m_, i_, s_, v_ & write), masks_gt[t])
+        pinned, loss = jax.vmap(fn)(points, labels, masks_gt[t], jax.random.split(k, n))
+        return carry, (pinned, loss, masks_gt[t])
 
     if remat:
         cond_slot = jax.checkpoint(cond_slot)
     num_cond = clip["cond_frames"].shape[0]
-    _, (pinned, (cm, ci, cs, cv), cgt) = jax.lax.scan(
+    _, (pinned, cond_loss, cgt) = jax.lax.scan(
         cond_slot, None, (clip["cond_frames"], clip["cond_valid"], clip["prompt_points"], clip["prompt_labels"],
                           jax.random.split(key, num_cond)))
     # Every object's bank: its conditioning frames pinned in slot order, nothing tracked yet.
     by_object = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731  (C, N, ...) -> (N, C, ...)
-    state = jax.vmap(lambda p_: tracker_state.state_from_history(
-        config, tracker_config, policy,
-        tracker_state.CondFrames(frame=clip["cond_frames"], mem=p_["mem"], ptr=p_["ptr"], mask=p_["mask"],
-                                 score=p_["score"], valid=clip["cond_valid"])))(jax.tree.map(by_object, pinned))
+    state = jax.vmap(lambda p_: tracker_state.state_from_history(config, tracker_config, policy, p_))(
+        jax.tree.map(by_object, pinned))
     # (C, N, K, ...) -> (C*K, N, ...): one loss output per conditioning frame and step.
     per_step = lambda x: jnp.moveaxis(x, 2, 1).reshape(-1, *x.shape[1:2], *x.shape[3:])  # noqa: E731
-    cm, ci, cs, cv = per_step(cm), per_step(ci), per_step(cs), per_step(cv)
+    cond_loss = jax.tree.map(per_step, cond_loss)
     cgt = jnp.repeat(cgt, 1 + num_corrections, axis=0)
 
     is_cond_frame = jnp.any((clip["cond_frames"][None] == jnp.arange(num_frames)[:, None]) & clip["cond_valid"][None],
@@ -182,14 +181,11 @@ def clip_forward(params, config, tracker_config, pcfg, features, clip, key, *, n
 
     if remat:
         body = jax.checkpoint(body)
-    state, (m, i, s, chosen) = jax.lax.scan(body, state, jnp.arange(num_frames))
+    state, (tracked_loss, chosen) = jax.lax.scan(body, state, jnp.arange(num_frames))
     tracked_valid = jnp.broadcast_to(~is_cond_frame[:, None], (num_frames, n))
-    masks = jnp.concatenate([cm, m])
-    ious = jnp.concatenate([ci, i])
-    scores = jnp.concatenate([cs, s])
-    valid = jnp.concatenate([cv, tracked_valid])
+    loss = jax.tree.map(lambda c, t: jnp.concatenate([c, t]), cond_loss, tracked_loss._replace(valid=tracked_valid))
     gt = jnp.concatenate([cgt, masks_gt])
-    return {"masks": masks, "ious": ious, "scores": scores, "valid": valid, "gt": gt,
+    return {"masks": loss.masks, "ious": loss.ious, "scores": loss.scores, "valid": loss.valid, "gt": gt,
             "tracked_masks": chosen, "tracked_valid": tracked_valid,
             "bank_frames": jax.vmap(policy.held_frames)(state)}
 
@@ -251,7 +247,7 @@ class Steps:
         from medsam2_jax.tracker.config import get_tracker_config
 
         self.config = config
-        self.model_config = training_model_config(config.model_config)
+        self.model_config = config.model_config.copy_and_resolve_references()
         self.tracker_config = tracker_config or get_tracker_config()
         self.prompt_config = prompts.PromptConfig.from_config(config.prompts)
         if self.tracker_config.max_cond_frames < self.prompt_config.num_init_cond_frames:
