@@ -86,13 +86,18 @@ def chunk_features(fns, params, state, frames, idx):
     stacked = shapes.map_frames(lambda x: np.zeros((size,) + x.shape, x.dtype))
     pos = np.zeros(shapes.vision_pos_enc.shape, shapes.vision_pos_enc.dtype)  # the same for every frame
     per_frame = lambda f: (f.vision_features,) + tuple(f.high_res_features or ())
-    for i, frame in zip(todo, loaded):
-        one = fns.features(params, frame)
-        # Copied to the host before the next frame is dispatched: queued asynchronous calls would
-        # each hold the encoder's working memory at once (600 MB more for 8 frames at 512 px).
-        for out, leaf in zip(per_frame(stacked), per_frame(one)):
-            out[i] = np.asarray(leaf)
-        pos = one.vision_pos_enc
+    # Two frames in flight: frame i is dispatched, then frame i-1 copied to the host while it runs.
+    # All calls queued at once would each hold the encoder's working memory (600 MB more for 8
+    # frames at 512 px); one at a time leaves the device idle during each copy.
+    previous = None
+    for i, frame in [*zip(todo, loaded), (None, None)]:
+        current = None if frame is None else (i, fns.features(params, frame))
+        if previous is not None:
+            j, one = previous
+            for out, leaf in zip(per_frame(stacked), per_frame(one)):
+                out[j] = np.asarray(leaf)
+            pos = one.vision_pos_enc
+        previous = current
     return stacked.replace(vision_pos_enc=np.asarray(pos)), computed
 
 
