@@ -54,8 +54,6 @@ def write_montage(volume: Volume, labels: np.ndarray, path: str | Path, *, promp
     a percentile clip of `volume.array`); the slice axis is the prompts' when prompts are given.
     truth: a reference mask (X, Y, Z) drawn in its own colour next to the prediction; slices: the
     slices to show (default: the prompted ones and `count` over the labelled extent)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     axis = prompts.axis if prompts is not None else canonical_axis(axis)
     display = intensity.percentile_clip(volume.array) if display is None else display
@@ -69,12 +67,8 @@ def write_montage(volume: Volume, labels: np.ndarray, path: str | Path, *, promp
     if truth is not None:  # prediction against truth: one object, two fixed colours
         colours = {i: PREDICTION_COLOUR for i in object_ids}
 
-    columns = min(4, len(slices))
-    rows = -(-len(slices) // columns)
-    figure = Figure(figsize=(PANEL_INCHES * columns, PANEL_INCHES * rows + 0.6), facecolor="black")
-    FigureCanvasAgg(figure)
-    for panel, slice_index in enumerate(slices):
-        ax = figure.add_subplot(rows, columns, panel + 1)
+    figure, axes = _panels(len(slices))
+    for ax, slice_index in zip(axes, slices):
         _draw_slice(ax, volume, display, labels, axis, slice_index, colours)
         if truth is not None:
             true_slice = np.take(truth, slice_index, axis).T
@@ -91,6 +85,18 @@ def write_montage(volume: Volume, labels: np.ndarray, path: str | Path, *, promp
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100, facecolor="black")
     return Path(path)
+
+
+def _panels(count: int, columns: int = 4):
+    """A black figure on matplotlib's Agg canvas with `count` panels, up to `columns` a row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    figure = Figure(figsize=(PANEL_INCHES * columns, PANEL_INCHES * rows + 0.6), facecolor="black")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(rows, columns, k + 1) for k in range(count)]
 
 
 def _draw_slice(ax, volume: Volume, display: np.ndarray, labels: np.ndarray, axis: int, slice_index: int,
@@ -151,18 +157,12 @@ def write_montage_2d(images: list[np.ndarray], masks: list[np.ndarray], path: st
     """One-Prompt 2D overview: the template (first) with its prompt and its mask, then up to
     `count - 1` of the other images evenly over the set, each with its mask's contour. Images are
     (H, W) or (H, W, C) in any range, shown in their own pixel frame (x right, y down)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     shown = [0] + sorted({int(round(i)) for i in np.linspace(1, len(images) - 1, min(count, len(images)) - 1)}
                          if len(images) > 1 else [])
-    columns = min(4, len(shown))
-    rows = -(-len(shown) // columns)
-    figure = Figure(figsize=(PANEL_INCHES * columns, PANEL_INCHES * rows + 0.6), facecolor="black")
-    FigureCanvasAgg(figure)
-    for panel, index in enumerate(shown):
-        ax = figure.add_subplot(rows, columns, panel + 1)
+    figure, axes = _panels(len(shown))
+    for ax, index in zip(axes, shown):
         image = np.asarray(images[index], np.float32)
         image = image[..., :3].mean(-1) if image.ndim == 3 else image
         lo, hi = np.percentile(image, (0.5, 99.5))
