@@ -24,8 +24,7 @@ from medsam2_jax.model import layers, sam2
 from medsam2_jax.tracker import config as tracker_config_lib
 from medsam2_jax.tracker import propagate
 from medsam2_jax.tracker import step as step_lib
-from medsam2_jax.tracker.policies import with_knobs
-from medsam2_jax.tracker.policies.base import check_knobs
+from medsam2_jax.tracker.policies.base import check_knobs, with_knobs
 from medsam2_jax.tracker.prompts import make_prompt
 from medsam2_jax.tracker.state import CondFrames, state_from_history
 

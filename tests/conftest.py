@@ -17,9 +17,8 @@ import pytest  # noqa: E402
 def _compile_cache_stays_with_the_cli():
     """A CLI run in this process turns JAX's persistent compilation cache on for the whole process
     (cli._persist_compilation); without this, every library test after it would serialize each
-    executable it compiles into the cache (hundreds of MB, and the one place a CI run crashed:
-    a segfault inside XLA's `executable.serialize()` in a tracker test, not reproduced alone).
-    Each test leaves the cache setting as it found it."""
+    executable it compiles into the cache (hundreds of MB written for nothing). Each test leaves
+    the cache setting as it found it."""
     from jax.experimental.compilation_cache import compilation_cache
 
     before = jax.config.jax_compilation_cache_dir

@@ -74,6 +74,11 @@ def test_self_sorting_reads_with_either_query_source():
     (`query_source="image"`) or the frame projected by the memory encoder with an empty mask
     (`"memory"`, whose query must be one (s, s, Cm) map like the stored memories)."""
     params, config, feats = model()
+    # Random weights leave the object score near zero: raise it so tracked frames enter the bank
+    # and frame 2 reads an entry chosen by the query.
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    head = params["sam_mask_decoder"]["pred_obj_score_head"]["layers"][2]
+    head["bias"] = head["bias"] + 20.0
     trainable = {k: params[k] for k in ("memory_encoder", "memory_attention")}
     for source in ("image", "memory"):
         for read in ("topk", "sample"):

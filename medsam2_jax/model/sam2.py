@@ -226,18 +226,14 @@ def use_multimask(config, is_init_cond_frame, num_points):
     return (config.multimask_min_pt_num <= num_points) & (num_points <= config.multimask_max_pt_num)
 
 
-def box_mask_prompt(config, point_coords=None, point_labels=None, point_mask=None, mask_inputs=None,
-                    batch_size: int = 1) -> dict:
+def box_mask_prompt(config, point_coords=None, point_labels=None, point_mask=None, mask_inputs=None) -> dict:
     """The mask-input arguments of `forward_sam_heads` for a prompt (`mask_inputs`, `mask_valid`):
     `mask_inputs` as given; for a model trained with `config.box_mask_prompt` and no mask input,
     the box drawn as one (`box_mask_input`), valid where the prompt holds a box, so that a click
-    or a tracked frame (no points: `batch_size` frames) gets SAM 2's `no_mask_embed` as without
-    the option."""
-    if not config.get("box_mask_prompt", False) or mask_inputs is not None:
-        return {"mask_inputs": mask_inputs}
-    if point_coords is None:  # what forward_sam_heads uses for no points
-        point_coords = jnp.zeros((batch_size, 1, 2), jnp.float32)
-        point_labels = -jnp.ones((batch_size, 1), jnp.int32)
+    gets SAM 2's `no_mask_embed` as without the option; without points (a tracked frame) no mask
+    input at all, which gives that embedding too."""
+    if not config.get("box_mask_prompt", False) or mask_inputs is not None or point_coords is None:
+        return {"mask_inputs": mask_inputs}  # no points (a tracked frame): no box, nothing to draw
     size = 4 * (config.image_size // config.backbone_stride)
     return {"mask_inputs": box_mask_input(point_coords, point_labels, point_mask, config, size),
             "mask_valid": _has_box(point_labels, _valid_points(point_labels, point_mask))}

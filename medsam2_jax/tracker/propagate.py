@@ -89,15 +89,19 @@ def chunk_features(fns, params, state, frames, idx):
     # Two frames in flight: frame i is dispatched, then frame i-1 copied to the host while it runs.
     # All calls queued at once would each hold the encoder's working memory (600 MB more for 8
     # frames at 512 px); one at a time leaves the device idle during each copy.
+    def copy_out(j, one):
+        for out, leaf in zip(per_frame(stacked), per_frame(one)):
+            out[j] = np.asarray(leaf)
+        return one.vision_pos_enc
+
     previous = None
-    for i, frame in [*zip(todo, loaded), (None, None)]:
-        current = None if frame is None else (i, fns.features(params, frame))
+    for i, frame in zip(todo, loaded):
+        current = (i, fns.features(params, frame))
         if previous is not None:
-            j, one = previous
-            for out, leaf in zip(per_frame(stacked), per_frame(one)):
-                out[j] = np.asarray(leaf)
-            pos = one.vision_pos_enc
+            pos = copy_out(*previous)
         previous = current
+    if previous is not None:
+        pos = copy_out(*previous)
     return stacked.replace(vision_pos_enc=np.asarray(pos)), computed
 
 

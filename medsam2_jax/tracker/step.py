@@ -280,8 +280,7 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
     pix = memory_conditioned_features(params, config, state, vf, pos, frame_idx, num_frames, reverse, policy,
                                       skip_empty=not training, training=training)
     multimask = sam2.use_multimask(config, False, 0)
-    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask,
-                                 **sam2.box_mask_prompt(config))
+    sam = sam2.forward_sam_heads(params, pix, config, high_res_features=hr, multimask_output=multimask)
     mem = _encode(params, config, vf, sam["high_res_masks"], sam["object_score_logits"], False, training)
 
     replay, stored = _stored_output(state, frame_idx)

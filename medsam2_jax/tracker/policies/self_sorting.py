@@ -12,7 +12,7 @@ Order-free: the bank keeps the K most informative entries, whatever their frame 
   from `softmax(sim / temperature)` (`sample`). Temporal encoding by rank, or one shared row.
 Selection never carries gradients (keys and confidences are `stop_gradient`ed); the stored
 memories and pointers do. The numeric knobs (`conf_threshold`, `lambda_conf`, `temperature`) live
-in the bank as arrays, not in the compiled code: `sweep.with_knobs` sets them, so one compiled
+in the bank as arrays, not in the compiled code: `policies.with_knobs` sets them, so one compiled
 function can `vmap` over a grid of their values.
 """
 
@@ -98,11 +98,10 @@ class SelfSorting(MemoryPolicy):
         qsrc = entry.mem if tc.query_source == "memory" else entry.image_features
         qkey = jax.lax.stop_gradient(pooled_key(qsrc, tc.key_pool))
         cat = lambda a, x: jnp.concatenate([a, jnp.asarray(x, a.dtype)[None]])
-        cand = SortedBank(
+        cand = b.replace(  # the K + 1 candidates; count, rng and the knobs carry over
             mem=cat(b.mem, entry.mem), ptr=cat(b.ptr, entry.ptr), frame=cat(b.frame, entry.frame),
             valid=cat(b.valid, accept), score=cat(b.score, 0.0), conf=cat(b.conf, conf), key=cat(b.key, key),
-            query_key=cat(b.query_key, qkey), written=cat(b.written, b.count), count=b.count, rng=b.rng,
-            conf_threshold=b.conf_threshold, lambda_conf=b.lambda_conf, temperature=b.temperature)
+            query_key=cat(b.query_key, qkey), written=cat(b.written, b.count))
         # Full bank: the top K of K + 1 survive. Not full: every valid candidate is in the first K.
         s = scores(cand.key, cand.conf, cand.valid, b.lambda_conf)
         keep = rank_order(s, cand.written)[:k]
