@@ -119,6 +119,20 @@ def _crop(args, model: Model) -> float | None:
     return float(crop)
 
 
+def _stop(args, model: Model):
+    """The stop rule (volumes/stopping.py): the checkpoint manifest's inference.stop, unless --no-stop."""
+    from medsam2_jax.volumes.stopping import StopRule
+
+    found = model.inference.get("stop")
+    if getattr(args, "no_stop", False) or not found:
+        return None
+    try:
+        return StopRule.from_dict(found)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{model.checkpoint}: its manifest's inference.stop is not a stop rule ({error}); "
+                        "fix the manifest or pass --no-stop") from None
+
+
 def _parse_coords(text: str, what: str, n: int, *, at_slice: bool) -> list[float]:
     """'X0,Y0,X1,Y1' (n 4) or 'X,Y' (n 2) -> its n numbers; with `at_slice`, 'X0,Y0,X1,Y1@Z' ->
     the n numbers and Z."""
@@ -189,11 +203,13 @@ def _parse_z_range(text: str) -> list[float]:
     return [first, last]
 
 
-def _default_policy(args, prompts) -> None:
-    """segment's default policy, by whether every object has its slice range (POLICY_RANGED)."""
+def _default_policy(args, model: Model, prompts=None) -> None:
+    """The 3D default policy: POLICY_RANGED when every object has its slice range, else the policy the
+    checkpoint's stop rule was fitted with (POLICY_STOPPED), else POLICY_3D."""
     if args.policy is None:
-        ranged = set(prompts.object_ids) <= set(prompts.slice_ranges)
-        args.policy = POLICY_RANGED if ranged else POLICY_3D
+        ranged = prompts is not None and set(prompts.object_ids) <= set(prompts.slice_ranges)
+        stop = _stop(args, model)
+        args.policy = POLICY_RANGED if ranged else (stop.policy or POLICY_STOPPED) if stop else POLICY_3D
 
 
 def _run_segmentation(volume, prompts, model: Model, args):
@@ -208,7 +224,7 @@ def _run_segmentation(volume, prompts, model: Model, args):
         total = 2 * sum(volume.shape)
     bar = _progress_bar(total, "slices")
     kwargs = dict(window=args.window, level=args.level, width=args.width, largest_component=args.largest_component,
-                  crop=_crop(args, model), progress=bar.update)
+                  crop=_crop(args, model), stop=_stop(args, model), progress=bar.update)
     try:
         if args.multi_orientation:
             return segment_volume_multi_orientation(volume, prompts, predictor, fusion=args.fusion, **kwargs)
@@ -256,7 +272,9 @@ def _write_outputs(volume, prompts, result, out: Path, model: Model, args, given
     from medsam2_jax.volumes.montage import write_montage
     from medsam2_jax.volumes.output import write_segmentation
 
-    extra = {"checkpoint": model.checkpoint, "memory_policy": args.policy, "crop": _crop(args, model)}
+    stop = _stop(args, model)
+    extra = {"checkpoint": model.checkpoint, "memory_policy": args.policy, "crop": _crop(args, model),
+             "stop": None if stop is None else stop.to_dict()}
     if given is not None:
         extra["given"] = given
     paths = write_segmentation(volume, result.labels, out, prompts=prompts, config_name=model.config.name,
@@ -311,7 +329,7 @@ def cmd_segment(args) -> int:
     for note in prompts.notes:
         print(f"warning: {note}", file=sys.stderr)
     model = _model(args)
-    _default_policy(args, prompts)
+    _default_policy(args, model, prompts)
     result = _run_segmentation(volume, prompts, model, args)
     paths = _write_outputs(volume, prompts, result, out, model, args, given=_given_prompts(args))
     for kind, path in paths.items():
@@ -331,7 +349,12 @@ def cmd_segment(args) -> int:
 # With the structure's slice range given (--z-range on every object), segment uses self_sorting:
 # 0.464 against 0.307 (fifo) and 0.270 on the held-out AAL structures, 0.622 / 0.604 / 0.595 on the
 # nuclei: inside the range, keeping the confident slices tracks better, and the range does the stopping.
-POLICY_3D, POLICY_2D, POLICY_RANGED = "fifo", "self_sorting", "self_sorting"
+# With the checkpoint's stop rule (manifest inference.stop; volumes/stopping.py), 3D uses the policy the
+# rule was fitted with (self_sorting for the shipped weights): its masks are the better ones inside
+# the structure and the rule does the stopping (numbers in the weights' eval_held_out.md).
+POLICY_3D, POLICY_2D, POLICY_RANGED, POLICY_STOPPED = "fifo", "self_sorting", "self_sorting", "self_sorting"
+POLICY_DEFAULT_TEXT = (f"{POLICY_RANGED} when every object has a --z-range, else the policy of the checkpoint's "
+                       f"stop rule ({POLICY_STOPPED} for the shipped weights), else {POLICY_3D}")
 
 
 def _mask_paths(out_dir: Path, images: list[str]) -> list[Path]:
@@ -433,7 +456,7 @@ def cmd_demo(args) -> int:
     model = _model(args)
     config, checkpoint = model.config, model.checkpoint
     t0 = time.perf_counter()
-    _default_policy(args, prompts)
+    _default_policy(args, model, prompts)
     result = _run_segmentation(volume, prompts, model, args)
     seconds = time.perf_counter() - t0
     montage, args.no_montage = not args.no_montage, True  # the demo draws its own: prediction and truth
@@ -520,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--probabilities", action="store_true", help="also write per-object probabilities")
         q.add_argument("--no-montage", action="store_true", help="skip the overlay montage PNG")
 
+    def stop_option(q):
+        q.add_argument("--no-stop", action="store_true",
+                       help="track to the volume's ends, as SAM 2 does, instead of ending each object where the "
+                       "checkpoint's stop rule (manifest inference.stop; medsam2_jax/volumes/stopping.py) says it ends")
+
     def crop_option(q):
         q.add_argument("--crop", type=float, default=None, metavar="FACTOR",
                        help="show the model only a square window FACTOR x the prompts' extent on every slice "
@@ -551,9 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--z-range", metavar="Z0:Z1",
                    help="the structure's first and last slice (in the prompts' Z): propagation stays inside, "
                    "nothing is segmented beyond (a box plus a slice range, as 3D Slicer's MedSAM plugins ask)")
-    model_options(q, policy=None, default_text=f"{POLICY_RANGED} when every object has a --z-range, else {POLICY_3D}")
+    model_options(q, policy=None, default_text=POLICY_DEFAULT_TEXT)
     volume_options(q)
     crop_option(q)
+    stop_option(q)
     q.set_defaults(func=cmd_segment)
 
     t = sub.add_parser(
@@ -582,9 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "scripts/install_data.sh): one box on the left thalamus, forward and backward propagation, "
                        "label NIfTI, montage, report.")
     d.add_argument("--out-dir", default="medsam2_demo", help="where to write the outputs (default: ./medsam2_demo)")
-    model_options(d)
+    model_options(d, policy=None, default_text=POLICY_DEFAULT_TEXT)
     volume_options(d)
     crop_option(d)
+    stop_option(d)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser(
@@ -611,10 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", default="medsam2_eval", help="where to write the report (default: ./medsam2_eval)")
     e.add_argument("--checkpoint", help="our converted checkpoint folder (default: the shipped weights)")
     e.add_argument("--config", default=None, help="model variant (default: the checkpoint's)")
-    e.add_argument("--policy", default=POLICY_3D,
-                   help=f"memory policy (default: {POLICY_3D}, the best measured in 3D: docs/memory_selection)")
+    e.add_argument("--policy", default=None,
+                   help=f"memory policy (default: {POLICY_STOPPED} with the checkpoint's stop rule, else {POLICY_3D}: "
+                   "the best measured in 3D, docs/memory_selection)")
     e.add_argument("--window", help="CT window by name for every volume (default: each manifest entry's own)")
     crop_option(e)
+    stop_option(e)
     e.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -649,11 +681,13 @@ def cmd_evaluate(args) -> int:
     model = _model(args)
     config, checkpoint = model.config, model.checkpoint
     options = dataclasses.replace(options, crop=_crop(args, model))
+    _default_policy(args, model)
+    stop = _stop(args, model)
     predictor = VideoPredictor(model.params, config, get_tracker_config(memory_policy=args.policy))
     runs = 2 if options.z_range else 1
     bar = _progress_bar(runs * 2 * sum(s.target.shape[s.axis] for s in structures), "slices")
     try:
-        results = E.evaluate(structures, predictor, options, policy=args.policy, progress=bar.update,
+        results = E.evaluate(structures, predictor, options, policy=args.policy, stop=stop, progress=bar.update,
                              log=lambda line: print(line, flush=True))
     finally:
         bar.close()

@@ -171,6 +171,38 @@ def test_crop_defaults_to_the_checkpoints_manifest(tmp_path, capsys, ckpt):
     assert not (tmp_path / "bad.nii.gz").exists()
 
 
+def test_stop_rule_comes_from_the_checkpoints_manifest(tmp_path, capsys, ckpt):
+    """A manifest with inference.stop ends each object where its rule says (here: 3 mm out, by
+    distance alone), with the rule's policy, and the sidecar records both; --no-stop tracks every
+    slice; a stop rule the code cannot read is one line, exit 2, nothing written."""
+    import shutil
+
+    from medsam2_jax.volumes.stopping import FEATURES, StopRule
+
+    stopping = tmp_path / "stopping"
+    shutil.copytree(ckpt, stopping)
+    manifest = json.loads((stopping / "manifest.json").read_text())
+    rule = StopRule((0.0,) * (len(FEATURES) - 1) + (-1.0,), 3.5, 0.5, 1, "self_sorting")  # ends at 4 mm
+    (stopping / "manifest.json").write_text(json.dumps({**manifest, "inference": {"stop": rule.to_dict()}}))
+    vol = datasets.nibabel_anatomical()  # 33 x 41 x 25, 2 mm voxels
+    base = ["segment", str(vol), "--box", "8,10,14,16@12", "--checkpoint", str(stopping), "--no-montage"]
+    code, _, err = _run([*base, "--out", str(tmp_path / "s.nii.gz")], capsys)
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    assert sidecar["stop"] == rule.to_dict() and sidecar["memory_policy"] == "self_sorting"
+    labels = np.asarray(nib.load(tmp_path / "s.nii.gz").dataobj)
+    assert not labels[:, :, :11].any() and not labels[:, :, 14:].any()  # slices 11..13 at most (2 mm apart)
+    code, _, err = _run([*base, "--out", str(tmp_path / "n.nii.gz"), "--no-stop"], capsys)
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "n.json").read_text())
+    assert sidecar["stop"] is None and sidecar["memory_policy"] == cli.POLICY_3D
+    (stopping / "manifest.json").write_text(json.dumps({**manifest, "inference": {"stop": {"weights": [1.0],
+                                                                                        "bias": 0.0}}}))
+    code, _, err = _run([*base, "--out", str(tmp_path / "bad.nii.gz")], capsys)
+    assert code == 2 and "inference.stop" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
 def test_demo_runs_the_shipped_model_and_beats_copying_the_prompted_mask(tmp_path, capsys):
     """`medsam2-jax demo` with no arguments runs the shipped demo model (scripts/train_demo_model.py),
     whose target, the left thalamus, was held out of its training. It reports Dice, NSD, HD95 and

@@ -146,7 +146,8 @@ def score(pred: np.ndarray, structure: Structure, z: int, tolerance_mm: float) -
 
 
 def evaluate_structure(structure: Structure, predictor, options: Options, rng: np.random.Generator,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None, stop=None) -> dict:
+    """`stop`: a `volumes.stopping.StopRule` for the one-box run (the ranged run keeps its range)."""
     from medsam2_jax.volumes.prompts import build_prompts, with_slice_ranges
     from medsam2_jax.volumes.segment import segment_volume
 
@@ -155,7 +156,7 @@ def evaluate_structure(structure: Structure, predictor, options: Options, rng: n
     z = prompts.prompts[0].slice_index
     window = options.window or structure.window
     t0 = time.perf_counter()
-    result = segment_volume(structure.volume, prompts, predictor, window=window, crop=options.crop,
+    result = segment_volume(structure.volume, prompts, predictor, window=window, crop=options.crop, stop=stop,
                             progress=progress)
     seconds = time.perf_counter() - t0
     row = {"structure": structure.name, "source": structure.source, "label": structure.label,
@@ -215,20 +216,22 @@ def dice_by_distance(rows: Sequence[dict], method: str) -> list[float | None]:
     return [float(np.mean(sums[k])) if k in sums else None for k in range(top + 1)]
 
 
-def evaluate(structures: Sequence[Structure], predictor, options: Options, *, policy: str = "fifo",
+def evaluate(structures: Sequence[Structure], predictor, options: Options, *, policy: str = "fifo", stop=None,
              progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Every structure under `options`; `policy` names the predictor's memory policy in the results."""
+    """Every structure under `options`; `policy` names the predictor's memory policy in the results;
+    `stop` (a `volumes.stopping.StopRule`) ends the one-box runs."""
     rng = np.random.default_rng(options.seed)
     rows = []
     for s in structures:
-        rows.append(evaluate_structure(s, predictor, options, rng, progress))
+        rows.append(evaluate_structure(s, predictor, options, rng, progress, stop))
         if log is not None:
             r = rows[-1]
             log(f"{s.name}: Dice {r['model']['dice']:.3f}"
                 + (f" (with range {r['model_z_range']['dice']:.3f})" if "model_z_range" in r else "")
                 + f", copy {r['copy_mask']['dice']:.3f}, box {r['box']['dice']:.3f}; slices "
                 f"{r['model']['range']['slices_predicted']}/{r['model']['range']['slices_true']}")
-    return {"options": dataclasses.asdict(options), "policy": policy, "rows": rows, "summary": summarise(rows)}
+    return {"options": dataclasses.asdict(options), "policy": policy, "stop": None if stop is None else stop.to_dict(),
+            "rows": rows, "summary": summarise(rows)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,6 +170,13 @@ class VideoPredictor:
         return {t: float(np.ravel(o["object_score_logits"])[0])
                 for d in (out[NON_COND], out[COND]) for t, o in d.items()}
 
+    def object_embedding(self, inference_state, obj_id, frame_idx):
+        """(C,) the object's mask-pooled image features on a frame it has an output on
+        (`step.object_embedding`), else None."""
+        out = inference_state["output_dict_per_obj"][inference_state["obj_id_to_idx"][obj_id]]
+        o = out[COND].get(frame_idx) or out[NON_COND].get(frame_idx)
+        return None if o is None or o.get("object_embedding") is None else np.asarray(o["object_embedding"])
+
     def release_frame(self, inference_state, frame_idx):
         """Drop the stored memory and mask of a tracked (non-conditioning) frame, keeping its
         pointer and object score. The official predictor keeps every frame's memory so a later
@@ -328,6 +335,7 @@ class VideoPredictor:
             "pred_masks": out["low_res_masks"],
             "obj_ptr": out["obj_ptr"],
             "object_score_logits": out["object_score_logits"],
+            "object_embedding": out["object_embedding"],
         }
         return frame_idx, st["obj_ids"], self._consolidated(st, frame_idx, storage_key)
 
@@ -433,6 +441,7 @@ class VideoPredictor:
                             "pred_masks": pred,
                             "obj_ptr": outs["obj_ptr"][j, obj_idx],
                             "object_score_logits": outs["object_score_logits"][j, obj_idx],
+                            "object_embedding": outs["object_embedding"][j, obj_idx],
                             "entry_extras": {k: v[j, obj_idx] for k, v in outs["entry_extras"].items()},
                         }
                     st["frames_tracked_per_obj"][obj_idx][frame_idx] = {"reverse": reverse}

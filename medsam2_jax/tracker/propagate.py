@@ -146,9 +146,11 @@ class Compiled:
         def interact(params, state, features, prompt, frame_idx, num_frames, reverse, prev, *, init_cond, has_mask):
             TRACE_COUNTS["interact"] += 1
             if has_mask:
-                return step_lib.mask_prompt_outputs(params, c, features, prompt)
-            return step_lib.point_prompt_outputs(params, c, state, features, prompt, frame_idx, num_frames, reverse,
-                                                 init_cond=init_cond, prev_mask_logits=prev, policy=policy)
+                out = step_lib.mask_prompt_outputs(params, c, features, prompt)
+            else:
+                out = step_lib.point_prompt_outputs(params, c, state, features, prompt, frame_idx, num_frames, reverse,
+                                                    init_cond=init_cond, prev_mask_logits=prev, policy=policy)
+            return dict(out, object_embedding=step_lib.object_embedding(features.vision_features, out["low_res_masks"]))
 
         def features1(params, frame):
             TRACE_COUNTS["features"] += 1

@@ -288,6 +288,7 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
                "obj_ptr": sam["obj_ptr"][0], "maskmem_features": mem}
     out = {k: jnp.where(replay, stored[k], tracked[k]) for k in tracked}
     out["is_cond"] = replay
+    out["object_embedding"] = object_embedding(vf[0], out["low_res_masks"])
     entry = Entry(mem=mem, ptr=sam["obj_ptr"][0], frame=jnp.asarray(frame_idx, jnp.int32), iou=sam["iou"][0],
                   object_score=sam["object_score_logits"][0, 0], image_features=vf[0], conditioned_features=pix[0])
     state = policy.write(state, entry, jnp.asarray(active) & ~replay)
@@ -297,6 +298,17 @@ def track_frame(params, config, state: TrackerState, features, frame_idx, num_fr
         masks, ious = sam2.multimask_candidates(sam, multimask)
         out["sam"] = {"low_res_multimasks": masks[0], "ious": ious[0]}
     return state, out
+
+
+def object_embedding(vision_features, low_res_masks):
+    """(C,) what the object looks like on a frame: the (s, s, C) image features averaged under the
+    mask's probability ((4s, 4s, 1) logits, averaged onto the feature grid). Not part of SAM 2:
+    `volumes/stopping.py` compares it with the prompted frame's to tell where an object ends."""
+    s = vision_features.shape[0]
+    p = jax.nn.sigmoid(low_res_masks[..., 0].astype(jnp.float32))
+    f = p.shape[0] // s
+    w = p.reshape(s, f, s, f).mean((1, 3))
+    return jnp.einsum("ij,ijc->c", w, vision_features.astype(jnp.float32)) / jnp.maximum(w.sum(), 1e-6)
 
 
 def _stored_output(state: TrackerState, frame_idx):
@@ -313,8 +325,8 @@ def replay_frame(config, state: TrackerState, frame_idx, policy=None):
     a propagation), so the image encoder and the tracker need not run."""
     policy = _policy(config, state, policy)
     replay, out = _stored_output(state, frame_idx)
-    return state, dict(out, is_cond=replay, bank_frames=policy.held_frames(state),
-                       entry_extras=_entry_extras(config, policy))
+    return state, dict(out, is_cond=replay, object_embedding=jnp.zeros((config.hidden_dim,), jnp.float32),
+                       bank_frames=policy.held_frames(state), entry_extras=_entry_extras(config, policy))
 
 
 def step(params, config, state: TrackerState, features, frame_idx, num_frames, reverse=False, prompt=None,

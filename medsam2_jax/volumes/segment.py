@@ -20,9 +20,10 @@ from scipy.special import expit, logit
 
 from medsam2_jax.model.sam2 import NO_OBJ_SCORE
 from medsam2_jax.tracker.predictor import Frames
-from medsam2_jax.volumes import intensity
+from medsam2_jax.volumes import intensity, stopping
 from medsam2_jax.volumes.io import Volume
 from medsam2_jax.volumes.prompts import SlicePrompt, VolumePrompts, make_volume_prompts
+from medsam2_jax.volumes.stopping import StopRule
 
 NO_OBJECT_LOGIT = NO_OBJ_SCORE  # the logit of a slice outside an object's range: the tracker's "no object"
 
@@ -33,11 +34,14 @@ class Segmentation:
     probabilities: np.ndarray  # (objects, X, Y, Z) float32, in `object_ids` order
     object_ids: list[int]
     slice_scores: dict[int, list[float]]  # per object, the object-score logit of every slice
+    # per object, (slices, len(stopping.FEATURES)) what a stop rule reads on each tracked slice (NaN elsewhere)
+    slice_features: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window: str | None = None,
                    level: float | None = None, width: float | None = None, largest_component: bool = False,
-                   crop: float | None = None, progress: Callable[[int], None] | None = None) -> Segmentation:
+                   crop: float | None = None, stop: StopRule | None = None,
+                   progress: Callable[[int], None] | None = None) -> Segmentation:
     """Propagate every object of `prompts` through `volume` with a `VideoPredictor`.
 
     Objects with a slice range (`prompts.slice_ranges`) are segmented only inside it: the frames
@@ -46,15 +50,20 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     `crop` times their extent (`prompt_crop`), on every slice; everything outside is background.
     One window holds all objects, so objects far apart make it wide (and their pixels few):
     segment them in separate runs to give each its own window.
+    `stop` (a `stopping.StopRule`): moving out from its prompted slices, an object ends where the
+    rule says it has left the slice, and a pass stops once every object in it has ended (objects
+    with a slice range keep it instead). None: track to the volume's ends, as SAM 2 does.
     `progress(n)` is called with the number of slices just finished (for a progress bar).
     """
     axis = prompts.axis
     unit = intensity.to_unit_range(volume.array, window=window, level=level, width=width)
+    geometry = _Geometry(_in_plane_spacing(volume, axis), float(volume.spacing[axis]))
     if crop is None:
-        merged, scores = _track(unit, prompts, predictor, progress)
+        merged, scores, features = _track(unit, prompts, predictor, progress, stop, geometry)
     else:
-        region = prompt_crop(prompts, _in_plane_spacing(volume, axis), crop)
-        merged, scores = _track(region.slices(unit, axis), region.prompts(prompts), predictor, progress)
+        region = prompt_crop(prompts, geometry.spacing, crop)
+        merged, scores, features = _track(region.slices(unit, axis), region.prompts(prompts), predictor, progress,
+                                          stop, geometry)
         merged = region.paste(merged, prompts.slice_shape, NO_OBJECT_LOGIT)
     object_ids = list(prompts.object_ids)
     probabilities = expit(merged)  # (n, objects, h, w)
@@ -64,12 +73,19 @@ def segment_volume(volume: Volume, prompts: VolumePrompts, predictor, *, window:
     # Frames are slices along `axis`: put the slice axis back in its canonical place.
     labels = np.moveaxis(labels, 0, axis)
     probabilities = np.moveaxis(np.moveaxis(probabilities, 1, 0), 1, axis + 1)
-    return Segmentation(labels.astype(np.int32), probabilities.astype(np.float32), object_ids, scores)
+    return Segmentation(labels.astype(np.int32), probabilities.astype(np.float32), object_ids, scores, features)
 
 
-def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress) -> tuple[np.ndarray, dict]:
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    spacing: tuple[float, float]  # in-plane (row, column) mm
+    slice_mm: float  # between slices along the prompts' axis
+
+
+def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress, stop: StopRule | None = None,
+           geometry: _Geometry = _Geometry((1.0, 1.0), 1.0)) -> tuple[np.ndarray, dict, dict]:
     """(slices, objects, h, w) logits over the whole volume (the tracker's "no object" logit
-    outside each object's range) and the per-slice object scores."""
+    outside each object's range), the per-slice object scores and stop-rule features."""
     axis = prompts.axis
     lo, hi = prompts.tracked_range()
     if (lo, hi) != (0, prompts.num_slices - 1):  # intensities from the whole volume, frames from the range
@@ -89,31 +105,94 @@ def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress) -> tup
     object_ids = list(prompts.object_ids)
     n, (h, w) = hi - lo + 1, prompts.slice_shape
     reach = predictor.memory_window()  # how far back a pass starting at a prompted slice reads
-    passes = {}
+    passes, pass_features = {}, {}
+    ranged = {obj for obj in object_ids if obj in prompts.slice_ranges}
     for reverse in (False, True):
         logits = np.full((n, len(object_ids), h, w), np.nan, np.float32)
+        ends = _Ends(predictor, state, prompts, object_ids, lo, geometry, stop, ranged,
+                     reverse)
         slices = [p.slice_index - lo for p in prompts.prompts]
         start = max(slices) if reverse else min(slices)
         for frame_idx, ids, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
             logits[frame_idx] = _reorder(masks[:, 0], list(ids), object_ids)
+            ends.see(frame_idx, logits)
             if min(abs(frame_idx - k) for k in slices) > reach:
                 predictor.release_frame(state, frame_idx)  # no pass starts near it: host memory stays flat
             if progress is not None:
                 progress(1)
+            if ends.all_ended(frame_idx):
+                logits[np.isnan(logits)] = NO_OBJECT_LOGIT  # slices this pass no longer reaches
+                break
         if reverse and start == 0:
             # SAM 2 tracks nothing backward from frame 0 (its processing order is empty): this
             # pass holds only the prompted frame, whose answer the forward pass already gave.
             logits[0] = passes[False][0]
-        passes[reverse] = logits
+        passes[reverse], pass_features[reverse] = logits, ends.features
 
     merged = _merge_passes(passes[False], passes[True], prompts, object_ids, offset=lo)
+    chosen = _merge_passes(pass_features[False][..., None], pass_features[True][..., None], prompts, object_ids,
+                           offset=lo, mean=False)[..., 0]
+    features = {}
+    for j, obj in enumerate(object_ids):
+        features[obj] = np.full((prompts.num_slices, len(stopping.FEATURES)), np.nan, np.float32)
+        features[obj][lo : hi + 1] = chosen[:, j]
     # Back on the whole volume: nothing outside an object's range (the tracker's "no object" logit).
     full = np.full((prompts.num_slices, len(object_ids), h, w), NO_OBJECT_LOGIT, np.float32)
     full[lo : hi + 1] = merged
     for j, obj in enumerate(object_ids):
         first, last = prompts.slice_range(obj)
         full[:first, j] = full[last + 1 :, j] = NO_OBJECT_LOGIT
-    return full, _slice_scores(predictor, state, object_ids, lo, prompts)
+    return full, _slice_scores(predictor, state, object_ids, lo, prompts), features
+
+
+class _Ends:
+    """One pass's stop-rule features per slice and object, and (with a rule) where each object ends.
+
+    A prompted slice of an object is its reference (its embedding and mask extent) for the slices
+    after it in this pass; from the first run of `rule.run` slices the rule calls absent, the
+    object's logits are "no object" to the end of the pass."""
+
+    def __init__(self, predictor, state, prompts, object_ids, offset, geometry, rule, ranged, reverse):
+        self.predictor, self.state, self.object_ids, self.offset = predictor, state, object_ids, offset
+        self.geometry, self.rule, self.reverse = geometry, rule, reverse
+        self.prompted = {obj: {k - offset for k in prompts.prompted_slices(obj)} for obj in object_ids}
+        self.stopping = [obj not in ranged for obj in object_ids] if rule is not None else [False] * len(object_ids)
+        self.refs: dict[int, tuple[stopping.Reference, int]] = {}
+        self.low = [[] for _ in object_ids]  # the current run of absent slices, per object
+        self.ended = [False] * len(object_ids)
+        n = prompts.tracked_range()[1] - prompts.tracked_range()[0] + 1
+        self.features = np.full((n, len(object_ids), len(stopping.FEATURES)), np.nan, np.float32)
+
+    def see(self, frame_idx: int, logits: np.ndarray) -> None:
+        for j, obj in enumerate(self.object_ids):
+            embedding = self.predictor.object_embedding(self.state, obj, frame_idx)
+            if frame_idx in self.prompted[obj]:
+                self.refs[j] = (stopping.reference(embedding, logits[frame_idx, j] > 0, self.geometry.spacing),
+                                frame_idx)
+                self.low[j], self.ended[j] = [], False
+                continue
+            if j not in self.refs:
+                continue
+            ref, at = self.refs[j]
+            f = stopping.slice_features(ref, embedding, abs(frame_idx - at) * self.geometry.slice_mm)
+            self.features[frame_idx, j] = f
+            if not self.stopping[j]:
+                continue
+            if not self.ended[j]:
+                absent = self.rule.presence(f) < self.rule.threshold
+                self.low[j] = self.low[j] + [frame_idx] if absent else []
+                if len(self.low[j]) >= self.rule.run:
+                    self.ended[j] = True
+                    logits[self.low[j], j] = NO_OBJECT_LOGIT
+            if self.ended[j]:
+                logits[frame_idx, j] = NO_OBJECT_LOGIT
+
+    def all_ended(self, frame_idx: int) -> bool:
+        """Every object has ended (or has no rule to end by) and none is prompted further on."""
+        if self.rule is None or not all(e or not s for e, s in zip(self.ended, self.stopping)) or not any(self.ended):
+            return False
+        ahead = (lambda k: k < frame_idx) if self.reverse else (lambda k: k > frame_idx)
+        return not any(ahead(k) for slices in self.prompted.values() for k in slices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,18 +318,19 @@ def _fuse(results: list[Segmentation], object_ids: list[int], fusion: str) -> Se
     best = np.argmax(probabilities, axis=0)
     positive = np.take_along_axis(probabilities, best[None], axis=0)[0] > 0.5
     labels = np.where(positive, np.asarray(object_ids, np.int32)[best], 0).astype(np.int32)
-    return Segmentation(labels, probabilities, object_ids, results[0].slice_scores)
+    return Segmentation(labels, probabilities, object_ids, results[0].slice_scores, results[0].slice_features)
 
 
 def _reorder(masks, ids, object_ids):
     return np.stack([masks[ids.index(o)] for o in object_ids])
 
 
-def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids, offset: int = 0):
+def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids, offset: int = 0, mean: bool = True):
     """Per object and slice, the logits of the pass that started from the nearer prompt.
 
     The forward pass covers every slice at or after an object's first prompt and the backward
     pass every slice at or before its last, so the chosen pass always reached the slice.
+    `mean=False`: at equal distances take the forward pass's values (for non-logits).
     """
     n = forward.shape[0]
     z = np.arange(n)[:, None]
@@ -264,7 +344,7 @@ def _merge_passes(forward, backward, prompts: VolumePrompts, object_ids, offset:
         # Equal distances (prompted slices, midpoints between two prompts): both passes reached
         # the slice, so the mean is only computed where it is used.
         tie = d_fwd == d_bwd
-        merged[tie, j] = _mean_prob_logit(fwd[tie], bwd[tie])
+        merged[tie, j] = _mean_prob_logit(fwd[tie], bwd[tie]) if mean else fwd[tie]
     return merged
 
 
