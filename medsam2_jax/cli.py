@@ -350,11 +350,12 @@ def cmd_segment(args) -> int:
 # 0.464 against 0.307 (fifo) and 0.270 on the held-out AAL structures, 0.622 / 0.604 / 0.595 on the
 # nuclei: inside the range, keeping the confident slices tracks better, and the range does the stopping.
 # With the checkpoint's stop rule (manifest inference.stop; volumes/stopping.py), 3D uses the policy the
-# rule was fitted with (self_sorting for the shipped weights): its masks are the better ones inside
-# the structure and the rule does the stopping (numbers in the weights' eval_held_out.md).
-POLICY_3D, POLICY_2D, POLICY_RANGED, POLICY_STOPPED = "fifo", "self_sorting", "self_sorting", "self_sorting"
+# rule was fitted with (its `policy`; POLICY_STOPPED when it names none): the rule's threshold was
+# chosen on that policy's masks (fifo for the shipped weights: the weights' eval_held_out.md).
+# (The numbers above are of the weights shipped before 2026-12-07, docs/memory_selection.)
+POLICY_3D, POLICY_2D, POLICY_RANGED, POLICY_STOPPED = "fifo", "self_sorting", "self_sorting", "fifo"
 POLICY_DEFAULT_TEXT = (f"{POLICY_RANGED} when every object has a --z-range, else the policy of the checkpoint's "
-                       f"stop rule ({POLICY_STOPPED} for the shipped weights), else {POLICY_3D}")
+                       f"stop rule, else {POLICY_3D}")
 
 
 def _mask_paths(out_dir: Path, images: list[str]) -> list[Path]:

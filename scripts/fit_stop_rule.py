@@ -92,14 +92,17 @@ def dice(row: dict, rule: stopping.StopRule | None) -> float:
     return float(2 * row["overlap_voxels"][k].sum() / (row["pred_voxels"][k].sum() + row["truth_voxels"]))
 
 
-def fit(rows: list[dict], policy: str, log) -> tuple[stopping.StopRule, dict]:
+def fit(rows: list[dict], policy: str, log, features=stopping.FEATURES) -> tuple[stopping.StopRule, dict]:
+    """The rule on `features` only (the others' weights 0): logistic fit, then threshold and run."""
     x, y = [], []
     for r in rows:
         keep = ~np.isnan(r["features"][:, 0])
         x.append(r["features"][keep])
         y.append(r["present"][keep])
     x, y = np.concatenate(x), np.concatenate(y)
-    weights, bias = stopping.fit(x, y)
+    used = [stopping.FEATURES.index(f) for f in features]
+    weights = np.zeros(len(stopping.FEATURES))
+    weights[used], bias = stopping.fit(x[:, used], y)
     scores = []
     for threshold in THRESHOLDS:
         for run in RUNS:
@@ -119,6 +122,16 @@ def fit(rows: list[dict], policy: str, log) -> tuple[stopping.StopRule, dict]:
     return rule, report
 
 
+def save_rows(path: Path, rows: list[dict]) -> None:
+    write_json(path, [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in rows])
+
+
+def load_rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    return [{k: np.array(v, np.float64 if k == "features" else None) if isinstance(v, list) else v
+             for k, v in r.items()} for r in rows]
+
+
 def write_json(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -135,20 +148,32 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="an export folder (default: the shipped demo weights)")
-    ap.add_argument("--policy", default="self_sorting", help="memory policy to track with (default self_sorting)")
+    ap.add_argument("--policy", default="fifo", help="memory policy to track with (default fifo, SAM 2's)")
     ap.add_argument("--limit", type=int, help="only the first N structures (a quick try)")
+    ap.add_argument("--features", default=",".join(stopping.FEATURES),
+                    help=f"the features the rule may use (default all: {','.join(stopping.FEATURES)}); an ablation")
+    ap.add_argument("--cache", help="a JSON file of the tracked structures' rows: read if it exists, else written "
+                    "(refits without tracking again)")
     ap.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
     args = ap.parse_args(argv)
 
     folder = Path(args.checkpoint) if args.checkpoint else weights.default_checkpoint().path
     params, config = load_model(args.checkpoint)
     predictor = VideoPredictor(params, config, get_tracker_config(memory_policy=args.policy))
-    structures = training_structures()[: args.limit]
+    features = tuple(args.features.split(","))
+    if not set(features) <= set(stopping.FEATURES):
+        ap.error(f"--features: choose from {', '.join(stopping.FEATURES)}")
     t0 = time.perf_counter()
-    rows = track(structures, predictor, lambda line: print(line, flush=True))
-    rule, report = fit(rows, args.policy, lambda line: print(line, flush=True))
+    if args.cache and Path(args.cache).is_file():
+        rows = load_rows(Path(args.cache))
+    else:
+        rows = track(training_structures()[: args.limit], predictor, lambda line: print(line, flush=True))
+        if args.cache:
+            save_rows(Path(args.cache), rows)
+    rule, report = fit(rows, args.policy, lambda line: print(line, flush=True), features)
     report.update(seconds=round(time.perf_counter() - t0, 1), checkpoint=folder.name, config=config.name,
-                  command="python scripts/fit_stop_rule.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])))
+                  command=f"python scripts/fit_stop_rule.py --policy {args.policy}"
+                  + (f" --features {args.features}" if features != stopping.FEATURES else ""))
     print(json.dumps(report["rule"]), f"\nmean Dice on these structures: {report['dice_without_rule']:.3f} "
           f"without the rule, {report['dice_with_rule']:.3f} with it")
     if args.dry_run:

@@ -4,6 +4,7 @@ overwrite each other, what the command tidied in the user's input is said, and h
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -156,14 +157,24 @@ def test_the_cli_keeps_compiled_functions_across_runs(tmp_path, monkeypatch, env
 
 
 def test_default_policies_are_the_measured_best():
-    """Issue 14 part 3: 3D commands default to fifo, One-Prompt 2D to self_sorting, segment with a
-    slice range on every object to self_sorting (cli.POLICY_*, with the measurements written beside
-    them), and every policy can still be chosen."""
+    """Issue 14 part 3: 3D commands default to fifo (or the policy of the checkpoint's stop rule),
+    One-Prompt 2D to self_sorting, segment with a slice range on every object to self_sorting
+    (cli.POLICY_*, with the measurements written beside them), and every policy can still be chosen."""
     parser = cli.build_parser()
     box3d, box2d = ["--box", "1,1,5,5@0"], ["--box", "1,1,5,5"]
     assert parser.parse_args(["segment", "v.nii.gz", *box3d, "--out", "o.nii.gz"]).policy is None  # by the prompts
-    assert parser.parse_args(["demo"]).policy == "fifo"
-    assert parser.parse_args(["evaluate"]).policy == "fifo"
+    assert parser.parse_args(["demo"]).policy is None and parser.parse_args(["evaluate"]).policy is None
+    # At run time: the policy the checkpoint's stop rule was fitted with, else fifo; a range wins.
+    rule = {"weights": [0.0] * 5, "bias": 0.0, "policy": "medsam2_released"}
+    for inference, ranged, want in (({"stop": rule}, False, "medsam2_released"), ({}, False, "fifo"),
+                                    ({"stop": rule}, True, "self_sorting")):
+        args = parser.parse_args(["demo"])
+        prompts = types.SimpleNamespace(object_ids=[1], slice_ranges={1: (0, 3)} if ranged else {})
+        cli._default_policy(args, cli.Model(None, None, "ckpt", inference), prompts)
+        assert args.policy == want
+    args = parser.parse_args(["demo", "--no-stop"])
+    cli._default_policy(args, cli.Model(None, None, "ckpt", {"stop": rule}))
+    assert args.policy == cli.POLICY_3D
     two_d = ["segment-2d", "t.png", "a.png", *box2d, "--out-dir", "o"]
     assert parser.parse_args(two_d).policy == "self_sorting"
     assert parser.parse_args([*two_d, "--policy", "fifo"]).policy == "fifo"

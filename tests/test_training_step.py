@@ -146,16 +146,16 @@ def test_box_mask_input_marks_the_box():
 def test_demo_stages_share_one_model():
     """Each stage of the demo recipe starts from the previous one's weights: one model; single
     slices, then slice pairs with the local memory start, then clips that run past the object,
-    then the stopping stages (an empty-mask target past the end); the prompt-window experiment
-    (CROP_STAGES) does the same on windows. Only the first stage that tracks
+    then (STOP_STAGES, not shipped) the stopping stages (an empty-mask target past the end); the
+    prompt-window experiment (CROP_STAGES) does the same on windows. Only the first stage that tracks
     starts local: a later one would reset what it learned."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from train_demo_model import CROP_STAGES, STAGES
+    from train_demo_model import CROP_STAGES, STAGES, STOP_STAGES
 
-    configs = [get_config(v) for v in STAGES]
-    assert STAGES[-1] == "demo_stop_refine" and all(
+    configs = [get_config(v) for v in STAGES + STOP_STAGES]  # the shipped stages, then the stopping experiment
+    assert STAGES[-1] == "demo" and STOP_STAGES[-1] == "demo_stop_refine" and all(
         c.model_config == configs[0].model_config and c.model == "demo" for c in configs)
     assert configs[0].data.clip_length == 1 and all(c.data.clip_length > 1 for c in configs[1:])
     assert [c.local_memory_attention_init for c in configs] == [False, True] + [False] * (len(configs) - 2)

@@ -1,8 +1,9 @@
 """Where an object ends: a learned stop rule for propagation through a volume.
 
 SAM 2's tracker says "no object" through its object-score head. The demo model's head does not
-fall where a structure ends (it decays with the distance from the prompt, or stays high under the
-self-sorting bank), so its masks run on through the volume. A `StopRule` reads, per tracked slice:
+fall where a structure ends (it stays high on every slice; trained to stop, it decayed with the
+distance from the prompt instead), so its masks run on through the volume. A `StopRule` reads,
+per tracked slice:
 
   similarity     cosine between the object's mask-pooled image features on this slice and on the
                  prompted slice (`tracker.step.object_embedding`): does the region still look like
@@ -131,3 +132,17 @@ def fit(features: np.ndarray, present: np.ndarray, *, l2: float = 1e-2, steps: i
         w -= learning_rate * (xn.T @ g / len(y) + l2 * w)
         b -= learning_rate * g.mean()
     return w / sd, float(b - (mu / sd) @ w)
+
+
+def from_checkpoint(checkpoint=None) -> StopRule | None:
+    """The stop rule of a checkpoint folder (its manifest's `inference.stop`), or of the shipped demo
+    weights when None; None where there is none. Track with the memory policy it names."""
+    from medsam2_jax import weights
+    from medsam2_jax.convert.checkpoint import read_manifest
+
+    if checkpoint is None:
+        shipped = weights.default_checkpoint()
+        found = shipped.inference.get("stop") if shipped is not None else None
+    else:
+        found = read_manifest(checkpoint).get("inference", {}).get("stop")
+    return StopRule.from_dict(found) if found else None
