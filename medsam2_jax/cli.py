@@ -339,20 +339,14 @@ def cmd_segment(args) -> int:
 
 # Default memory policies, chosen from measurements (docs/memory_selection, written by
 # scripts/memory_selection.py: the shipped demo model on structures it never saw labelled).
-# 3D (segment, demo, evaluate): fifo. Held-out AAL volume Dice 0.275 against 0.150 (self_sorting)
-# and 0.160 (medsam2_released); stardist nuclei 0.311 / 0.252 / 0.289. The self-sorting bank keeps
-# confident, present slices, so the object is never let go (169 of 181 slices predicted).
-# One-Prompt 2D (segment-2d): self_sorting. Stream Dice 0.204 against 0.151 (fifo) and 0.135
-# (medsam2_released), the same for every image order; with this model its confidence gate admits
-# none of the tracked images, so each is segmented from the template alone (admitting them,
-# conf_threshold 0, lowered it to 0.044 on the swept structure).
-# With the structure's slice range given (--z-range on every object), segment uses self_sorting:
-# 0.464 against 0.307 (fifo) and 0.270 on the held-out AAL structures, 0.622 / 0.604 / 0.595 on the
-# nuclei: inside the range, keeping the confident slices tracks better, and the range does the stopping.
+# Chosen on the weights shipped before 2026-12-07: 3D from one box fifo (held-out AAL Dice 0.275
+# against 0.150 self_sorting and 0.160 medsam2_released); with the slice range on every object
+# self_sorting (0.464 against 0.307 fifo); One-Prompt 2D self_sorting (0.204 against 0.151 fifo).
+# On the weights shipped now they are ties (every difference under 0.02: one box 0.160 / 0.143 /
+# 0.155, with the range 0.522 / 0.521 / 0.523, One-Prompt 0.218 for all three).
 # With the checkpoint's stop rule (manifest inference.stop; volumes/stopping.py), 3D uses the policy the
 # rule was fitted with (its `policy`; POLICY_STOPPED when it names none): the rule's threshold was
 # chosen on that policy's masks (fifo for the shipped weights: the weights' eval_held_out.md).
-# (The numbers above are of the weights shipped before 2026-12-07, docs/memory_selection.)
 POLICY_3D, POLICY_2D, POLICY_RANGED, POLICY_STOPPED = "fifo", "self_sorting", "self_sorting", "fifo"
 POLICY_DEFAULT_TEXT = (f"{POLICY_RANGED} when every object has a --z-range, else the policy of the checkpoint's "
                        f"stop rule, else {POLICY_3D}")
