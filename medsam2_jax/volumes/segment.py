@@ -109,8 +109,7 @@ def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress, stop: 
     ranged = {obj for obj in object_ids if obj in prompts.slice_ranges}
     for reverse in (False, True):
         logits = np.full((n, len(object_ids), h, w), np.nan, np.float32)
-        ends = _Ends(predictor, state, prompts, object_ids, lo, geometry, stop, ranged,
-                     reverse)
+        ends = _Ends(predictor, state, prompts, object_ids, lo, geometry, stop, ranged, reverse)
         slices = [p.slice_index - lo for p in prompts.prompts]
         start = max(slices) if reverse else min(slices)
         for frame_idx, ids, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
@@ -153,7 +152,7 @@ class _Ends:
     object's logits are "no object" to the end of the pass."""
 
     def __init__(self, predictor, state, prompts, object_ids, offset, geometry, rule, ranged, reverse):
-        self.predictor, self.state, self.object_ids, self.offset = predictor, state, object_ids, offset
+        self.predictor, self.state, self.object_ids = predictor, state, object_ids
         self.geometry, self.rule, self.reverse = geometry, rule, reverse
         self.prompted = {obj: {k - offset for k in prompts.prompted_slices(obj)} for obj in object_ids}
         self.stopping = [obj not in ranged for obj in object_ids] if rule is not None else [False] * len(object_ids)
