@@ -637,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="our converted checkpoint folder (default: the shipped weights)")
     e.add_argument("--config", default=None, help="model variant (default: the checkpoint's)")
     e.add_argument("--policy", default=None,
-                   help=f"memory policy (default: {POLICY_STOPPED} with the checkpoint's stop rule, else {POLICY_3D}: "
-                   "the best measured in 3D, docs/memory_selection)")
+                   help="memory policy (default: the one the checkpoint's stop rule was fitted with, else "
+                   f"{POLICY_3D}: the best measured in 3D, docs/memory_selection)")
     e.add_argument("--window", help="CT window by name for every volume (default: each manifest entry's own)")
     crop_option(e)
     stop_option(e)

@@ -11,7 +11,7 @@ structures are not read.
     python scripts/fit_stop_rule.py --checkpoint DIR    # another export
     python scripts/fit_stop_rule.py --dry-run           # print, write nothing
 
-Output: the manifest's `inference.stop` (and `inference.policy`) and `stop_rule.json` (the fit,
+Output: the manifest's `inference.stop` (with the policy it was fitted with) and `stop_rule.json` (the fit,
 per-structure Dice, timings) beside it.
 """
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from medsam2_jax import datasets  # noqa: E402
 from medsam2_jax.evaluation import evaluate as E  # noqa: E402
 from medsam2_jax.evaluation import metrics, sets  # noqa: E402
 from medsam2_jax.volumes import stopping  # noqa: E402
+from medsam2_jax.volumes.output import atomic_path  # noqa: E402
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.96, 0.05)) + (0.97, 0.98, 0.99)
 RUNS = (1, 2, 3)
@@ -75,20 +74,9 @@ def track(structures, predictor, log) -> list[dict]:
     return rows
 
 
-def kept(row: dict, rule: stopping.StopRule | None) -> np.ndarray:
-    """The slices the rule keeps, as `segment_volume(stop=rule)` would (every slice without one)."""
-    z, f = row["z"], row["features"]
-    keep = np.ones(len(f), bool)
-    for order in (list(range(z + 1, len(f))), list(range(z - 1, -1, -1))):
-        end = stopping.ends(rule.presence(f[order]), rule) if order and rule is not None else None
-        if end is not None:
-            keep[order[end:]] = False
-    return keep
-
-
 def dice(row: dict, rule: stopping.StopRule | None) -> float:
     """The volume Dice of the prediction with the rule applied."""
-    k = kept(row, rule)
+    k = stopping.kept_slices(row["features"], row["z"], rule)
     return float(2 * row["overlap_voxels"][k].sum() / (row["pred_voxels"][k].sum() + row["truth_voxels"]))
 
 
@@ -132,13 +120,9 @@ def load_rows(path: Path) -> list[dict]:
              for k, v in r.items()} for r in rows]
 
 
-def write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def write_json(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -179,10 +163,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.setdefault("inference", {}).update(stop=rule.to_dict(), policy=args.policy)
+    manifest.setdefault("inference", {})["stop"] = rule.to_dict()  # the rule names its policy
     write_json(folder / "stop_rule.json", report)
     write_json(folder / "manifest.json", manifest)
-    print(f"wrote {folder / 'manifest.json'} (inference.stop, inference.policy) and {folder / 'stop_rule.json'}")
+    print(f"wrote {folder / 'manifest.json'} (inference.stop) and {folder / 'stop_rule.json'}")
     return 0
 
 

@@ -246,14 +246,13 @@ def evaluate(weights: Path) -> dict:
     from medsam2_jax.evaluation import sets
     from medsam2_jax.tracker.config import get_tracker_config
     from medsam2_jax.tracker.predictor import VideoPredictor
-    from medsam2_jax.volumes.stopping import StopRule
+    from medsam2_jax.volumes.stopping import from_checkpoint
 
     manifest = json.loads((weights / "manifest.json").read_text())
     config = get_config(manifest["config"])
-    inference = manifest.get("inference", {})
-    crop = inference.get("crop")  # the prompt window the weights were trained for
-    stop = StopRule.from_dict(inference["stop"]) if "stop" in inference else None  # scripts/fit_stop_rule.py
-    policy = inference.get("policy", "fifo")  # the policy the stop rule was fitted with
+    crop = manifest.get("inference", {}).get("crop")  # the prompt window the weights were trained for
+    stop = from_checkpoint(weights)  # scripts/fit_stop_rule.py
+    policy = (stop.policy if stop is not None else None) or "fifo"  # the policy the stop rule was fitted with
     predictor = VideoPredictor(load_params(weights, config), config, get_tracker_config(memory_policy=policy))
     out = {}
     for name, protocol, stem in EVALUATIONS:
@@ -377,7 +376,7 @@ def write_card(out: Path) -> None:
     crop_eval = f", the model shown a window {crop:g}x the box on every slice (`--crop`, the manifest's default)" \
         if crop else ""
     inference = manifest.get("inference", {})
-    policy = inference.get("policy", "fifo")
+    policy = inference.get("stop", {}).get("policy") or "fifo"
     stop_eval = (", each object ended where the manifest's stop rule says (`inference.stop`, above)"
                  if "stop" in inference else ", no post-processing")
     stop_model = ""

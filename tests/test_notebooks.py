@@ -46,7 +46,9 @@ def test_memory_selection_notebook_runs(tmp_path):
     sweeps = report["sweeps"]["numeric"]
     assert set(sweeps) == {"lambda_conf", "conf_threshold"}
     assert all(s["compiles"] == 1 and len(s["values"]) == 2 for s in sweeps.values())
-    assert set(report["bank_after_stream"]) == set(policies)
+    banks = report["bank_after_stream"]  # stream position held in each slot after the last of 4 images
+    assert set(banks) == set(policies) and all(-1 <= v <= 4 for bank in banks.values() for v in bank)
+    assert sorted(v for v in banks["fifo"] if v >= 0) == [1, 2, 3, 4]  # the ring keeps every recent image
     assert {p.name for p in tmp_path.glob("*.png")} == {"dice_by_distance_3d.png", "one_prompt_orders.png",
                                                          "sweeps.png", "bank_contents.png"}
 

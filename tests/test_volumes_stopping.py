@@ -32,6 +32,18 @@ def test_ends_at_the_first_run_of_absent_slices():
     assert stopping.ends(np.array([0.1, 0.1]), StopRule((0.0,) * len(FEATURES), 0.0, run=1)) == 0
 
 
+def test_kept_slices_cut_each_pass_at_its_end():
+    """Prompt on slice 4 of 10; presence falls with the distance only (feature dist_mm): a rule
+    that ends 3 mm out keeps slices 2..6 on a 1 mm grid; the prompted slice is always kept."""
+    f = np.zeros((10, len(FEATURES)))
+    f[:, 4] = np.abs(np.arange(10) - 4)
+    rule = StopRule((0.0, 0.0, 0.0, 0.0, -1.0), 2.5, 0.5, 1)
+    np.testing.assert_array_equal(np.flatnonzero(stopping.kept_slices(f, 4, rule)), [2, 3, 4, 5, 6])
+    assert stopping.kept_slices(f, 4, None).all()
+    f[:, 4] = np.arange(10)  # prompted on slice 0: one pass only
+    assert stopping.kept_slices(f, 0, rule).tolist() == [True, True, True] + [False] * 7
+
+
 def test_features_of_a_slice_from_the_reference():
     mask = np.zeros((20, 30), bool)
     mask[5:9, 10:20] = True  # 4 rows x 10 columns
@@ -80,14 +92,9 @@ def blob():
 
 
 def _cut(result, prompts, rule):
-    """`result` (a run without a rule) cut where `rule` ends the object, pass by pass."""
-    labels, f = result.labels.copy(), result.slice_features[1]
-    z = prompts.prompts[0].slice_index
-    for order in (list(range(z + 1, labels.shape[2])), list(range(z - 1, -1, -1))):
-        end = stopping.ends(rule.presence(f[order]), rule)
-        if end is not None:
-            labels[:, :, order[end:]] = 0
-    return labels
+    """`result` (a run without a rule) cut after the fact where `rule` ends the object."""
+    keep = stopping.kept_slices(result.slice_features[1], prompts.prompts[0].slice_index, rule)
+    return np.where(keep[None, None, :], result.labels, 0)
 
 
 def test_ending_online_equals_cutting_a_full_run_and_tracks_fewer_slices(demo_predictor, blob):

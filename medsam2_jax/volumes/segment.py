@@ -82,8 +82,8 @@ class _Geometry:
     slice_mm: float  # between slices along the prompts' axis
 
 
-def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress, stop: StopRule | None = None,
-           geometry: _Geometry = _Geometry((1.0, 1.0), 1.0)) -> tuple[np.ndarray, dict, dict]:
+def _track(unit: np.ndarray, prompts: VolumePrompts, predictor, progress, stop: StopRule | None,
+           geometry: _Geometry) -> tuple[np.ndarray, dict, dict]:
     """(slices, objects, h, w) logits over the whole volume (the tracker's "no object" logit
     outside each object's range), the per-slice object scores and stop-rule features."""
     axis = prompts.axis

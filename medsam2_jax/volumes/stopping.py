@@ -115,6 +115,20 @@ def ends(presence: np.ndarray, rule: StopRule) -> int | None:
     return None
 
 
+def kept_slices(features: np.ndarray, prompted: int, rule: StopRule | None) -> np.ndarray:
+    """(n,) the slices an object prompted on slice `prompted` keeps under `rule` (all without one),
+    from its (n, len(FEATURES)) `Segmentation.slice_features` of a run without a rule: what
+    `segment_volume(stop=rule)` gives, computed after the fact (to fit or compare rules)."""
+    keep = np.ones(len(features), bool)
+    if rule is None:
+        return keep
+    for order in (list(range(prompted + 1, len(features))), list(range(prompted - 1, -1, -1))):
+        end = ends(rule.presence(features[order]), rule) if order else None
+        if end is not None:
+            keep[order[end:]] = False
+    return keep
+
+
 def fit(features: np.ndarray, present: np.ndarray, *, l2: float = 1e-2, steps: int = 3000,
         learning_rate: float = 0.5) -> tuple[np.ndarray, float]:
     """Class-balanced L2 logistic regression of `present` (n,) on `features` (n, F), by gradient
